@@ -1,0 +1,54 @@
+"""The project's own errors. Lower-level errors are re-raised as one of these, chained with ``from``.
+
+    RestoreError
+    ├── InventoryError        the inventory cannot be used; carries every Diagnostic found
+    └── UsageError            a command was given something it cannot work with (missing directory...)
+
+Later layers (ledger, drivers) add their branches here, kept shallow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One finding about the inventory, pointing at the file and line an engineer must edit."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+    severity: Severity = Severity.ERROR
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}: "
+        prefix = "warning: " if self.severity is Severity.WARNING else ""
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}{prefix}{field}{self.message}"
+
+    def sort_key(self) -> tuple[str, int, str, str]:
+        return (self.file, self.line, self.field, self.message)
+
+
+class RestoreError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class UsageError(RestoreError):
+    pass
+
+
+class InventoryError(RestoreError):
+    def __init__(self, diagnostics: Sequence[Diagnostic]) -> None:
+        self.diagnostics = tuple(diagnostics)
+        errors = [d for d in self.diagnostics if d.severity is Severity.ERROR]
+        super().__init__(f"{len(errors)} inventory error(s)")

@@ -1,0 +1,71 @@
+"""The estate: the merged, resolved, validated inventory. Every host here is complete.
+
+Plain frozen dataclasses rather than pydantic models: the loader builds up to hundreds of thousands of
+hosts from already-validated parts, and re-validating each one would double the load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from restore_flows.inventory.models import (
+    CATCH_ALL,
+    Bmc,
+    Check,
+    Drivers,
+    HostKind,
+    Pool,
+    RestoreMethod,
+    Site,
+    Ssh,
+    Stage,
+    Wave,
+)
+from restore_flows.inventory.yamlsource import Location
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    name: str
+    kind: HostKind
+    site: str
+    role: str
+    department: str
+    services: tuple[str, ...]
+    depends_on: tuple[str, ...]
+    """Expanded host names, in the order written."""
+    pools: Mapping[Stage, tuple[str, ...]]
+    """Pool names per stage, with '{site}' filled in."""
+    restore_method: RestoreMethod
+    forensic_hold: bool
+    location: Location
+    golden_image: str | None = None
+    address: str | None = None
+    mac: str | None = None
+    bmc: Bmc | None = None
+    ssh: Ssh | None = None
+    drivers: Drivers = field(default_factory=Drivers)
+    checks: tuple[Check, ...] = ()
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Estate:
+    waves: tuple[Wave, ...]
+    sites: Mapping[str, Site]
+    pools: Mapping[str, Pool]
+    hosts: Mapping[str, Host]
+    """In the order the files list them (files sorted by path)."""
+
+    def wave_of_service(self) -> dict[str, int]:
+        """Service name -> index of the wave that lists it; '*' maps to the catch-all wave."""
+        index: dict[str, int] = {}
+        for position, wave in enumerate(self.waves):
+            for service in wave.services:
+                index.setdefault(service, position)
+        return index
+
+    @property
+    def catch_all(self) -> int | None:
+        return self.wave_of_service().get(CATCH_ALL)

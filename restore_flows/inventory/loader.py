@@ -1,0 +1,655 @@
+"""Read an inventory directory into an :class:`Estate`, reporting every mistake at once.
+
+Order of work, each step collecting diagnostics rather than stopping at the first:
+
+1. parse every ``*.yaml`` / ``*.yml`` file under the directory (sorted by path) with line numbers;
+2. per file: literal secrets, then the file's shape (pydantic). A file that fails is re-checked item by
+   item, so that one bad host costs only that host and the rest of the file is still cross-checked;
+3. merge the files: waves, sites, pools and roles are unique by name across files;
+4. resolve hosts: expand ranges, apply group defaults and then role values, fill '{site}';
+5. cross-checks: duplicates, unknown references, waves and services, dependency cycles, warnings.
+
+The estate is returned only when there is no error; warnings never block.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from restore_flows.errors import Diagnostic, InventoryError, Severity, UsageError
+from restore_flows.inventory import graph
+from restore_flows.inventory.estate import Estate, Host
+from restore_flows.inventory.models import (
+    CATCH_ALL,
+    Drivers,
+    Group,
+    GroupDefaults,
+    HostKind,
+    HostSpec,
+    InventoryFile,
+    Pool,
+    RestoreMethod,
+    Role,
+    Site,
+    Stage,
+    Wave,
+)
+from restore_flows.inventory.ranges import RangeError, expand
+from restore_flows.inventory.schemacheck import (
+    Loc,
+    find_literal_secrets,
+    format_path,
+    validation_diagnostics,
+)
+from restore_flows.inventory.yamlsource import (
+    Location,
+    SourceList,
+    SourceMap,
+    YamlSyntaxError,
+    load_yaml,
+)
+
+SITE_PLACEHOLDER = "{site}"
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
+_ItemT = TypeVar("_ItemT")
+
+
+@dataclass
+class LoadResult:
+    estate: Estate | None
+    diagnostics: list[Diagnostic]
+    files: list[str]
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity is Severity.ERROR]
+
+    @property
+    def warnings(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity is Severity.WARNING]
+
+
+def load_estate(directory: Path) -> Estate:
+    """The estate, or ``InventoryError`` with every diagnostic."""
+    result = load_inventory(directory)
+    if result.estate is None:
+        raise InventoryError(result.diagnostics)
+    return result.estate
+
+
+def load_inventory(directory: Path) -> LoadResult:
+    if not directory.is_dir():
+        raise UsageError(f"inventory directory {str(directory)!r} does not exist")
+    paths = sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    return _Loader().run(directory, paths)
+
+
+def display_name(path: Path) -> str:
+    """A path as the engineer would type it: relative to the working directory when inside it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # pragma: no cover - another drive on Windows
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One place a host's fields come from: the host entry, its group's defaults, its role."""
+
+    file: str
+    raw: Any
+    path: Loc
+
+    def where(self, key: str) -> tuple[str, int, str]:
+        line = self.raw.key_lines.get(key, self.raw.line) if isinstance(self.raw, SourceMap) else 1
+        return self.file, line, format_path((*self.path, key))
+
+
+@dataclass(slots=True)
+class _Item(Generic[_ItemT]):
+    model: _ItemT
+    layer: _Layer
+
+    @property
+    def location(self) -> Location:
+        file, line, _ = self.layer.where("name")
+        return Location(file, line)
+
+
+@dataclass(slots=True)
+class _HostEntry:
+    """A host spec with the layers behind it, before its name is expanded."""
+
+    spec: HostSpec
+    layers: tuple[_Layer, ...]
+    role_name: str | None
+    defaults: GroupDefaults | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Sources:
+    """The layers of one host entry with their values, most specific first."""
+
+    values: tuple[Any, ...]
+    layers: tuple[_Layer, ...]
+
+    def pick(self, key: str) -> Any:
+        for value in self.values:
+            got = getattr(value, key, None)
+            if got is not None:
+                return got
+        return None
+
+    def where(self, key: str) -> tuple[str, int, str]:
+        """File, line and field path of the layer that set ``key`` (the host entry if none did)."""
+        for value, layer in zip(self.values, self.layers, strict=True):
+            if getattr(value, key, None) is not None:
+                return layer.where(key)
+        file, line, path = self.layers[0].where("name")
+        return file, line, path.rsplit(".", 1)[0] + f".{key}"
+
+
+@dataclass
+class _Loader:
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    waves: list[_Item[Wave]] = field(default_factory=list)
+    sites: list[_Item[Site]] = field(default_factory=list)
+    pools: list[_Item[Pool]] = field(default_factory=list)
+    roles: list[_Item[Role]] = field(default_factory=list)
+    entries: list[_HostEntry] = field(default_factory=list)
+    # Names of items that failed their own validation: referring to them is not a second error.
+    broken_names: set[str] = field(default_factory=set)
+    sources: dict[str, _Sources] = field(default_factory=dict)
+    _seen: set[tuple[str, int, str, str]] = field(default_factory=set)
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    def error(self, file: str, line: int, path: str, message: str) -> None:
+        self._add(Diagnostic(file, line, path, message))
+
+    def warn(self, file: str, line: int, path: str, message: str) -> None:
+        self._add(Diagnostic(file, line, path, message, Severity.WARNING))
+
+    def _add(self, diagnostic: Diagnostic) -> None:
+        # Ranges and group defaults make one written mistake apply to many hosts; say it once.
+        key = diagnostic.sort_key()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.diagnostics.append(diagnostic)
+
+    # -- the steps ---------------------------------------------------------------------------------
+
+    def run(self, directory: Path, paths: list[Path]) -> LoadResult:
+        for path in paths:
+            self._read_file(path)
+        if not self.files and not self.diagnostics:
+            self.error(display_name(directory), 1, "", "empty inventory: no *.yaml files here")
+        estate = self._resolve(directory)
+        self.diagnostics.sort(key=Diagnostic.sort_key)
+        has_errors = any(d.severity is Severity.ERROR for d in self.diagnostics)
+        return LoadResult(None if has_errors else estate, self.diagnostics, self.files)
+
+    def _read_file(self, path: Path) -> None:
+        first_entry = len(self.entries)
+        self._read_sections(path)
+        # Groups are collected before top-level hosts; put the file's hosts back in written order so
+        # that "duplicate" is said of the later line.
+        self.entries[first_entry:] = sorted(
+            self.entries[first_entry:], key=lambda e: e.layers[0].where("name")[1]
+        )
+
+    def _read_sections(self, path: Path) -> None:
+        name = display_name(path)
+        self.files.append(name)
+        try:
+            raw = load_yaml(path, name)
+        except YamlSyntaxError as exc:
+            self.error(exc.location.file, exc.location.line, "", exc.message)
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            self.error(name, 1, "", f"cannot read the file: {exc}")
+            return
+        if raw is None:
+            return
+        if not isinstance(raw, SourceMap):
+            self.error(
+                name,
+                getattr(raw, "line", 1),
+                "",
+                f"the top level must be a mapping of sections ({', '.join(InventoryFile.model_fields)})",
+            )
+            return
+        secrets, secret_paths = find_literal_secrets(raw, name)
+        for diagnostic in secrets:
+            self._add(diagnostic)
+        try:
+            parsed = InventoryFile.model_validate(raw)
+        except ValidationError:
+            parsed = None
+        if parsed is not None and not secret_paths:
+            self._collect_valid(name, raw, parsed)
+        else:
+            self._collect_item_by_item(name, raw, secret_paths)
+
+    def _collect_valid(self, file: str, raw: SourceMap, parsed: InventoryFile) -> None:
+        for section, items in (
+            ("waves", parsed.waves),
+            ("sites", parsed.sites),
+            ("pools", parsed.pools),
+            ("roles", parsed.roles),
+        ):
+            target: list[Any] = getattr(self, section)
+            raw_items = raw.get(section) or []
+            target.extend(
+                _Item(item, _Layer(file, raw_items[i], (section, i))) for i, item in enumerate(items)
+            )
+        self._collect_groups(file, raw, parsed.groups, range(len(parsed.groups)))
+        self._collect_hosts(file, raw.get("hosts") or [], parsed.hosts, ("hosts",), None)
+
+    def _collect_item_by_item(self, file: str, raw: SourceMap, secret_paths: set[Loc]) -> None:
+        """The slow path, taken only when a file has mistakes: validate each item on its own."""
+        for key in raw:
+            if key not in InventoryFile.model_fields:
+                message = f"unknown section '{key}'"
+                close = difflib.get_close_matches(str(key), list(InventoryFile.model_fields), n=1)
+                message += (
+                    f" (did you mean '{close[0]}'?)"
+                    if close
+                    else f" (sections are: {', '.join(InventoryFile.model_fields)})"
+                )
+                self.error(file, raw.key_lines[key], str(key), message)
+        for section, model in (
+            ("waves", Wave),
+            ("sites", Site),
+            ("pools", Pool),
+            ("roles", Role),
+            ("groups", Group),
+            ("hosts", HostSpec),
+        ):
+            raw_items = raw.get(section)
+            if raw_items is None:
+                continue
+            if not isinstance(raw_items, SourceList):
+                self.error(file, raw.key_lines[section], section, f"'{section}' must be a list of entries")
+                continue
+            valid: list[tuple[int, Any]] = []
+            for index, raw_item in enumerate(raw_items):
+                item = self._validate_item(
+                    model,
+                    raw_item,
+                    file,
+                    (section, index),
+                    secret_paths,
+                    raw_items.item_lines[index],
+                )
+                if item is not None:
+                    valid.append((index, item))
+            if section == "groups":
+                self._collect_groups(file, raw, [g for _, g in valid], [i for i, _ in valid])
+            elif section == "hosts":
+                for index, spec in valid:
+                    self._collect_hosts(file, raw_items, [spec], ("hosts",), None, start=index)
+            else:
+                target: list[Any] = getattr(self, section)
+                target.extend(_Item(item, _Layer(file, raw_items[i], (section, i))) for i, item in valid)
+
+    def _validate_item(
+        self,
+        model: type[_ModelT],
+        raw_item: Any,
+        file: str,
+        prefix: Loc,
+        secret_paths: set[Loc],
+        line: int,
+    ) -> _ModelT | None:
+        try:
+            item = model.model_validate(raw_item)
+        except ValidationError as exc:
+            for found in validation_diagnostics(exc, raw_item, file, model, prefix, secret_paths):
+                # A scalar where a mapping belongs has no line of its own: use the list item's.
+                if not isinstance(raw_item, SourceMap | SourceList):
+                    found = replace(found, line=line)  # noqa: PLW2901
+                self._add(found)
+            if isinstance(raw_item, SourceMap) and isinstance(raw_item.get("name"), str):
+                self.broken_names.update(_safe_expand(raw_item["name"]))
+            if isinstance(raw_item, SourceMap) and isinstance(raw_item.get("hosts"), list):
+                for host in raw_item["hosts"]:
+                    if isinstance(host, dict) and isinstance(host.get("name"), str):
+                        self.broken_names.update(_safe_expand(host["name"]))
+            return None
+        if any(path[: len(prefix)] == prefix for path in secret_paths):
+            return None
+        return item
+
+    def _collect_groups(self, file: str, raw: SourceMap, groups: list[Group], indexes: Iterable[int]) -> None:
+        raw_groups = raw.get("groups") or []
+        for group, index in zip(groups, indexes, strict=True):
+            raw_group = raw_groups[index]
+            defaults = _Layer(
+                file,
+                raw_group.get("defaults", SourceMap(raw_group.line)),
+                ("groups", index, "defaults"),
+            )
+            self._collect_hosts(
+                file, raw_group["hosts"], group.hosts, ("groups", index, "hosts"), (group, defaults)
+            )
+
+    def _collect_hosts(
+        self,
+        file: str,
+        raw_hosts: Any,
+        specs: list[HostSpec],
+        path: Loc,
+        group: tuple[Group, _Layer] | None,
+        start: int = 0,
+    ) -> None:
+        for offset, spec in enumerate(specs):
+            index = start + offset
+            layers = [_Layer(file, raw_hosts[index], (*path, index))]
+            role_name = spec.role
+            defaults = None
+            if group is not None:
+                layers.append(group[1])
+                defaults = group[0].defaults
+                role_name = role_name or defaults.role
+            self.entries.append(_HostEntry(spec, tuple(layers), role_name, defaults))
+
+    # -- merging and resolving ---------------------------------------------------------------------
+
+    def _unique(self, kind: str, items: list[_Item[Any]]) -> dict[str, _Item[Any]]:
+        by_name: dict[str, _Item[Any]] = {}
+        for item in items:
+            name = item.model.name
+            if name in by_name:
+                file, line, path = item.layer.where("name")
+                self.error(
+                    file,
+                    line,
+                    path,
+                    f"duplicate {kind} '{name}' (first at {by_name[name].location})",
+                )
+                continue
+            by_name[name] = item
+        return by_name
+
+    def _resolve(self, directory: Path) -> Estate:
+        waves = self._check_waves()
+        sites = self._unique("site", self.sites)
+        pools = self._unique("pool", self.pools)
+        roles = self._unique("role", self.roles)
+        hosts = self._build_hosts(
+            {n: i.model for n, i in sites.items()}, roles, {n: i.model for n, i in pools.items()}
+        )
+        estate = Estate(
+            waves=tuple(w.model for w in waves),
+            sites={n: i.model for n, i in sites.items()},
+            pools={n: i.model for n, i in pools.items()},
+            hosts=hosts,
+        )
+        if not hosts and not self.entries and self.files:
+            self.error(self.files[0], 1, "hosts", "empty inventory: no hosts are defined in any file")
+        self._check_dependencies(estate)
+        self._check_services(estate)
+        self._warn_smells(estate, sites)
+        return estate
+
+    def _check_waves(self) -> list[_Item[Wave]]:
+        waves = list(self._unique("wave", self.waves).values())
+        if not waves and self.files:
+            self.error(self.files[0], 1, "waves", "no waves are defined: list them under 'waves:'")
+        owner: dict[str, _Item[Wave]] = {}
+        for wave in waves:
+            for index, service in enumerate(wave.model.services):
+                if service in owner and owner[service] is not wave:
+                    file, line, path = wave.layer.where("services")
+                    label = "the catch-all '*'" if service == CATCH_ALL else f"service '{service}'"
+                    self.error(
+                        file,
+                        line,
+                        f"{path}[{index}]",
+                        f"{label} is already in wave '{owner[service].model.name}' "
+                        f"({owner[service].location}); a service belongs to one wave",
+                    )
+                owner.setdefault(service, wave)
+        return waves
+
+    def _build_hosts(
+        self,
+        sites: Mapping[str, Site],
+        roles: Mapping[str, _Item[Role]],
+        pools: Mapping[str, Pool],
+    ) -> dict[str, Host]:
+        hosts: dict[str, Host] = {}
+        first_seen: dict[str, Location] = {}
+        for entry in self.entries:
+            host_layer = entry.layers[0]
+            role_item: _Item[Role] | None = None
+            if entry.role_name is None:
+                file, line, path = host_layer.where("name")
+                self.error(
+                    file,
+                    line,
+                    path.rsplit(".", 1)[0] + ".role",
+                    "missing 'role': set it on the host or in its group's defaults",
+                )
+            else:
+                role_item = roles.get(entry.role_name)
+                if role_item is None:
+                    where = _first_layer_with(entry.layers, "role")
+                    self.error(*where, _unknown("role", entry.role_name, roles))
+            sources = _Sources(
+                (entry.spec,)
+                + ((entry.defaults,) if entry.defaults is not None else ())
+                + ((role_item.model,) if role_item else ()),
+                entry.layers + ((role_item.layer,) if role_item else ()),
+            )
+            try:
+                names = expand(entry.spec.name)
+            except RangeError as exc:
+                self.error(*host_layer.where("name"), str(exc))
+                continue
+            name_location = Location(*host_layer.where("name")[:2])
+            duplicates: list[str] = []
+            host = self._make_host(names[0], entry, sources, sites, pools, name_location)
+            if host is None:
+                self.broken_names.update(names)
+                continue
+            for name in names:
+                if name in first_seen:
+                    duplicates.append(name)
+                    continue
+                first_seen[name] = name_location
+                self.sources[name] = sources
+                hosts[name] = host if name == host.name else _rename(host, name)
+            if duplicates:
+                shown = ", ".join(duplicates[:5]) + (" ..." if len(duplicates) > 5 else "")
+                self.error(
+                    *host_layer.where("name"),
+                    f"duplicate host name{'s' if len(duplicates) > 1 else ''} {shown} "
+                    f"(first at {first_seen[duplicates[0]]})",
+                )
+        return hosts
+
+    def _make_host(
+        self,
+        name: str,
+        entry: _HostEntry,
+        sources: _Sources,
+        sites: Mapping[str, Site],
+        pools: Mapping[str, Pool],
+        location: Location,
+    ) -> Host | None:
+        pick, where = sources.pick, sources.where
+        ok = True
+        kind: HostKind | None = pick("kind")
+        site: str | None = pick("site")
+        for key, got in (("kind", kind), ("site", site)):
+            if got is None:
+                self.error(
+                    *where(key),
+                    f"missing '{key}': set it on the host, in its group's defaults or on its role",
+                )
+                ok = False
+        if site is not None and site not in sites:
+            self.error(*where("site"), _unknown("site", site, sites))
+            ok = False
+        if not ok or kind is None or site is None:
+            return None
+
+        depends_on: list[str] = []
+        for pattern in pick("depends_on") or ():
+            filled = self._fill_site(pattern, site, where("depends_on"))
+            if filled is None:
+                continue
+            try:
+                depends_on.extend(expand(filled))
+            except RangeError as exc:
+                self.error(*where("depends_on"), f"in depends_on: {exc}")
+        stage_pools: dict[Stage, tuple[str, ...]] = {}
+        for stage, refs in (pick("pools") or {}).items():
+            names = []
+            for ref in refs:
+                filled = self._fill_site(ref, site, where("pools"))
+                if filled is None:
+                    continue
+                if filled not in pools:
+                    origin = f" (from '{ref}' for site {site})" if ref != filled else ""
+                    self.error(
+                        *where("pools"),
+                        f"{stage.value}: {_unknown('pool', filled, pools)}{origin}",
+                    )
+                names.append(filled)
+            stage_pools[stage] = tuple(names)
+        return Host(
+            name=name,
+            kind=kind,
+            site=site,
+            role=entry.role_name or "",
+            department=pick("department") or entry.role_name or "general",
+            services=tuple(pick("services") or ()),
+            depends_on=tuple(dict.fromkeys(depends_on)),
+            pools=stage_pools,
+            restore_method=pick("restore_method") or RestoreMethod.REIMAGE,
+            forensic_hold=bool(pick("forensic_hold")),
+            location=location,
+            golden_image=pick("golden_image"),
+            address=entry.spec.address,
+            mac=entry.spec.mac,
+            bmc=entry.spec.bmc,
+            ssh=pick("ssh"),
+            drivers=pick("drivers") or Drivers(),
+            checks=tuple(pick("checks") or ()),
+            description=entry.spec.description,
+        )
+
+    def _fill_site(self, template: str, site: str, where: tuple[str, int, str]) -> str | None:
+        filled = template.replace(SITE_PLACEHOLDER, site)
+        if "{" in filled or "}" in filled:
+            self.error(*where, f"'{template}': the only placeholder is {SITE_PLACEHOLDER}")
+            return None
+        return filled
+
+    # -- cross-checks ------------------------------------------------------------------------------
+
+    def _host_where(self, host: Host, key: str) -> tuple[str, int, str]:
+        return self.sources[host.name].where(key)
+
+    def _check_dependencies(self, estate: Estate) -> None:
+        hosts = estate.hosts
+        for host in hosts.values():
+            for dependency in host.depends_on:
+                if dependency in hosts or dependency in self.broken_names:
+                    continue
+                self.error(
+                    *self._host_where(host, "depends_on"),
+                    _unknown("host", dependency, hosts, large=True),
+                )
+        for cycle in graph.find_cycles({n: h.depends_on for n, h in hosts.items()}):
+            first = hosts[cycle[0]]
+            self.error(
+                *self._host_where(first, "depends_on"),
+                "dependency cycle: " + " -> ".join(cycle),
+            )
+
+    def _check_services(self, estate: Estate) -> None:
+        known = estate.wave_of_service()
+        if CATCH_ALL in known:
+            return
+        for host in estate.hosts.values():
+            for service in host.services:
+                if service not in known:
+                    self.error(
+                        *self._host_where(host, "services"),
+                        f"service '{service}' is in no wave and there is no catch-all wave "
+                        "(a wave with services: ['*'])",
+                    )
+            if not host.services:
+                self.error(
+                    *self._host_where(host, "services"),
+                    "the host has no services and there is no catch-all wave to put it in",
+                )
+
+    def _warn_smells(self, estate: Estate, sites: Mapping[str, _Item[Site]]) -> None:
+        needed_by: dict[str, int] = defaultdict(int)
+        used_sites: set[str] = set()
+        for host in estate.hosts.values():
+            used_sites.add(host.site)
+            for dependency in host.depends_on:
+                needed_by[dependency] += 1
+        for name, count in needed_by.items():
+            dependency_host = estate.hosts.get(name)
+            if dependency_host is not None and dependency_host.kind is HostKind.WORKSTATION:
+                self.warn(
+                    *self._host_where(dependency_host, "kind"),
+                    f"workstation {name} is a dependency of {count} host(s): should it be a server?",
+                )
+        for host in estate.hosts.values():
+            if not host.services:
+                self.warn(
+                    *self._host_where(host, "services"),
+                    "no services: it will be restored in the catch-all wave unless a dependent "
+                    "pulls it forward",
+                )
+        for name, item in sites.items():
+            if name not in used_sites:
+                self.warn(*item.layer.where("name"), f"site '{name}' has no hosts")
+
+
+def _first_layer_with(layers: tuple[_Layer, ...], key: str) -> tuple[str, int, str]:
+    for layer in layers:
+        if isinstance(layer.raw, SourceMap) and key in layer.raw:
+            return layer.where(key)
+    return layers[0].where(key)
+
+
+def _rename(host: Host, name: str) -> Host:
+    return replace(host, name=name)
+
+
+def _safe_expand(pattern: str) -> list[str]:
+    try:
+        return expand(pattern)
+    except RangeError:
+        return [pattern]
+
+
+def _unknown(kind: str, name: str, known: Mapping[str, Any], large: bool = False) -> str:
+    message = f"unknown {kind} '{name}'"
+    candidates: Iterable[str] = known
+    if large:
+        # difflib over hundreds of thousands of names takes seconds; typos keep the first letters.
+        candidates = [k for k in known if k[:3] == name[:3] and abs(len(k) - len(name)) <= 2]
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
+    if close:
+        message += f" (did you mean '{close[0]}'?)"
+    return message

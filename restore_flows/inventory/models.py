@@ -1,0 +1,278 @@
+"""The inventory file format: what an infrastructure engineer may write in a YAML file.
+
+These models describe one file as written, before merging: most host fields are optional because a host
+takes what it does not say from its group's ``defaults`` and then from its role. ``resolve`` turns the
+merged files into :class:`~restore_flows.inventory.estate.Estate`, where every host is complete.
+
+Everything the drivers need later (BMC, SSH, image, checks) is modelled here already so that engineers
+fill the inventory in one place; the planner reads only waves, sites, pools, kinds, services and
+dependencies. Secrets are never values in the inventory: fields ending in ``_secret`` hold the *name* of
+a secret, which is resolved at run time.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CATCH_ALL = "*"
+
+# Host names are DNS labels (dots allowed for FQDNs); a name may carry one range, ``[001:040]``, which the
+# loader checks separately so that a malformed range gets its own message.
+Name = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Letters, digits, '.', '_' and '-'.",
+    ),
+]
+HostPattern = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        description="A host name, or a range such as ws-icu-arl-[001:040] (zero padding kept).",
+    ),
+]
+ServiceName = Annotated[
+    str,
+    Field(min_length=1, pattern=r"^(\*|[a-z0-9][a-z0-9_-]*)$", description="Lowercase service."),
+]
+# A pool name may contain '{site}', filled in with the host's site, so that one role can say
+# "imaging-{site}" for every site.
+PoolRef = Annotated[
+    str,
+    Field(
+        min_length=1,
+        pattern=r"^[a-z0-9{][a-z0-9_{}-]*$",
+        description="A pool name; '{site}' is replaced by the host's site.",
+    ),
+]
+SecretName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$",
+        description="The NAME of a secret (environment variable or Prefect Secret block), never a value.",
+    ),
+]
+
+
+class SiteKind(StrEnum):
+    HOSPITAL = "hospital"
+    POLYCLINIC = "polyclinic"
+    REST_HOME = "rest_home"
+    PSYCHIATRIC = "psychiatric"
+    CRECHE = "creche"
+    DATACENTER = "datacenter"
+
+
+class HostKind(StrEnum):
+    SERVER = "server"
+    WORKSTATION = "workstation"
+
+
+class RestoreMethod(StrEnum):
+    REIMAGE = "reimage"
+    """Install the golden image (PXE, Wake-on-LAN or deployment server), then configure."""
+    BACKUP = "backup"
+    """Restore a VM server from the last clean backup."""
+
+
+class Stage(StrEnum):
+    """The stages of a host's restore, in order; pools are consumed per stage."""
+
+    EVIDENCE = "evidence"
+    WIPE = "wipe"
+    REIMAGE = "reimage"
+    RESTORE = "restore"
+    VERIFY = "verify"
+    RELEASE = "release"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Wave(_Strict):
+    """A restore wave. Waves run in the order they are listed."""
+
+    name: Name
+    services: list[ServiceName] = Field(
+        min_length=1,
+        description="Services restored in this wave, highest priority first; '*' = all others.",
+    )
+    description: str | None = None
+
+
+class Site(_Strict):
+    name: Name
+    kind: SiteKind
+    description: str | None = None
+
+
+class Pool(_Strict):
+    """Shared capacity: imaging slots, technicians, backup streams."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+    capacity: Annotated[int, Field(ge=1, description="How many stages may use it at once.")]
+    description: str | None = None
+
+
+class Bmc(_Strict):
+    """The server's baseboard management controller (Redfish)."""
+
+    address: Annotated[str, Field(min_length=1, description="Host name, IP or https:// URL of the BMC.")]
+    driver: Literal["redfish", "fake"] = "redfish"
+    system_id: str | None = Field(default=None, description="Redfish system id; discovered if unset.")
+    credentials_secret: SecretName | None = None
+    verify_tls: bool = True
+    ca_bundle: str | None = Field(default=None, description="Path of a CA bundle for the BMC's TLS.")
+
+
+class Ssh(_Strict):
+    user: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    host_key: str | None = Field(
+        default=None, description="Pinned public host key, e.g. 'ssh-ed25519 AAAA...'."
+    )
+    known_hosts: str | None = Field(default=None, description="Path of a known_hosts file to pin from.")
+    key_secret: SecretName | None = Field(default=None, description="Name of the private key secret.")
+
+
+class Drivers(_Strict):
+    """Which implementation drives each capability; 'fake' is the rehearsal fleet."""
+
+    power: Literal["redfish", "wol", "fake", "none"] | None = None
+    shell: Literal["ssh", "fake", "none"] | None = None
+    imaging: Literal["pxe", "wol", "deployment_server", "fake"] | None = None
+    backup: Literal["command", "http", "fake"] | None = None
+    network: Literal["command", "http", "fake"] | None = None
+
+
+class CommandCheck(_Strict):
+    type: Literal["command"]
+    command: str
+    expect_exit: int = 0
+    output_pattern: str | None = None
+    timeout: Annotated[float, Field(gt=0)] = 60
+
+
+class TcpPortCheck(_Strict):
+    type: Literal["tcp_port"]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    timeout: Annotated[float, Field(gt=0)] = 10
+
+
+class HttpCheck(_Strict):
+    type: Literal["http"]
+    url: str
+    status: Annotated[int, Field(ge=100, le=599)] = 200
+    body_pattern: str | None = None
+    timeout: Annotated[float, Field(gt=0)] = 10
+
+
+class WindowsServiceCheck(_Strict):
+    type: Literal["windows_service"]
+    service: str
+
+
+class GoldenImageCheck(_Strict):
+    type: Literal["golden_image"]
+
+
+class EdrAgentCheck(_Strict):
+    type: Literal["edr_agent"]
+
+
+class IocScanCheck(_Strict):
+    """A finding sends the host to quarantine, not online."""
+
+    type: Literal["ioc_scan"]
+    command: str | None = None
+    timeout: Annotated[float, Field(gt=0)] = 900
+
+
+Check = Annotated[
+    CommandCheck
+    | TcpPortCheck
+    | HttpCheck
+    | WindowsServiceCheck
+    | GoldenImageCheck
+    | EdrAgentCheck
+    | IocScanCheck,
+    Field(discriminator="type"),
+]
+
+StagePools = dict[Stage, list[PoolRef]]
+
+
+class HostFields(_Strict):
+    """Fields a host may set; a group's ``defaults`` and a role may set the same ones."""
+
+    kind: HostKind | None = None
+    site: Name | None = None
+    department: Name | None = Field(default=None, description="For reports: icu, lab, radiology...")
+    services: list[ServiceName] | None = None
+    depends_on: list[HostPattern] | None = Field(
+        default=None, description="Hosts (or ranges) that must be online first; '{site}' allowed."
+    )
+    pools: StagePools | None = Field(default=None, description="Pools each stage consumes.")
+    restore_method: RestoreMethod | None = None
+    golden_image: str | None = None
+    forensic_hold: bool | None = Field(
+        default=None, description="Police evidence must be captured before wiping."
+    )
+    drivers: Drivers | None = None
+    ssh: Ssh | None = None
+    checks: list[Check] | None = Field(default=None, description="Checks that prove the host clean.")
+    description: str | None = None
+
+
+class HostSpec(HostFields):
+    name: HostPattern
+    role: Name | None = None
+    address: str | None = Field(default=None, description="Management address (quarantine VLAN).")
+    mac: Annotated[str, Field(pattern=r"^([0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}$")] | None = None
+    bmc: Bmc | None = None
+
+
+class GroupDefaults(HostFields):
+    role: Name | None = None
+
+
+class Role(HostFields):
+    """What a kind of machine is and how it is restored; hosts inherit what they do not say."""
+
+    name: Name
+
+
+class Group(_Strict):
+    """Hosts that share defaults, so that 1,500 workstations need a few lines, not 1,500 entries."""
+
+    description: str | None = None
+    defaults: GroupDefaults = Field(default_factory=GroupDefaults)
+    hosts: list[HostSpec] = Field(min_length=1)
+
+
+class InventoryFile(_Strict):
+    """One inventory file. All files of the directory are merged; any section may be in any file."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        title="restore-orchestrator inventory file",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )
+
+    waves: list[Wave] = Field(default_factory=list, description="Restore waves, in restore order.")
+    sites: list[Site] = Field(default_factory=list)
+    pools: list[Pool] = Field(default_factory=list)
+    roles: list[Role] = Field(default_factory=list)
+    groups: list[Group] = Field(default_factory=list)
+    hosts: list[HostSpec] = Field(default_factory=list)

@@ -1,0 +1,215 @@
+"""Checks of one file's shape, before merging: secrets, unknown keys, types.
+
+Each finding becomes a :class:`Diagnostic` that points at the line where the key or value was written and
+names the field path (``groups[2].hosts[0].bmc.adress``). Pydantic gives the path as a tuple; the
+``SourceMap`` / ``SourceList`` values from :mod:`yamlsource` turn it into a line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from restore_flows.errors import Diagnostic
+from restore_flows.inventory.yamlsource import SourceList, SourceMap
+
+Loc = tuple[int | str, ...]
+
+# Keys whose value would be a credential. The inventory names secrets (``credentials_secret: bmc-arl``);
+# it never holds them, because the YAML is read, copied and committed by many people.
+SECRET_KEYS = frozenset(
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "access_key",
+        "secret_key",
+        "private_key",
+        "passphrase",
+        "credentials",
+        "client_secret",
+    }
+)
+_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+
+
+def find_literal_secrets(raw: Any, file: str) -> tuple[list[Diagnostic], set[Loc]]:
+    """Credentials written as values. Returns the findings and their paths (so that the same key is not
+    reported again as merely unknown)."""
+    found: list[Diagnostic] = []
+    paths: set[Loc] = set()
+    for loc, value, line in _walk(raw, ()):
+        key = loc[-1] if loc else None
+        if isinstance(key, str) and key.lower() in SECRET_KEYS and value not in (None, ""):
+            paths.add(loc)
+            found.append(
+                Diagnostic(
+                    file,
+                    line,
+                    format_path(loc),
+                    f"a literal secret in '{key}': the inventory refers to secrets by name only "
+                    f"(for example '{key}_secret: NAME'); remove the value and rotate it, "
+                    "it must be considered leaked",
+                )
+            )
+        elif isinstance(value, str) and _PRIVATE_KEY.search(value):
+            paths.add(loc)
+            found.append(
+                Diagnostic(
+                    file,
+                    line,
+                    format_path(loc),
+                    "a private key is written in the inventory: refer to it by name "
+                    "('key_secret: NAME'); remove it and rotate it, it must be considered leaked",
+                )
+            )
+    return found, paths
+
+
+def _walk(value: Any, loc: Loc) -> Iterator[tuple[Loc, Any, int]]:
+    if isinstance(value, SourceMap):
+        for key, item in value.items():
+            line = value.key_lines.get(key, value.line)
+            yield (*loc, key), item, line
+            yield from _walk(item, (*loc, key))
+    elif isinstance(value, SourceList):
+        for index, item in enumerate(value):
+            yield (*loc, index), item, value.item_lines[index]
+            yield from _walk(item, (*loc, index))
+
+
+def format_path(loc: Sequence[int | str]) -> str:
+    parts: list[str] = []
+    for step in loc:
+        if isinstance(step, int):
+            parts.append(f"[{step}]")
+        else:
+            parts.append(f".{step}" if parts else str(step))
+    return "".join(parts)
+
+
+def line_of(raw: Any, loc: Sequence[int | str], default: int = 1) -> tuple[int, Loc]:
+    """The line of the deepest part of ``loc`` present in ``raw``, and the path actually found.
+
+    Steps that are not in the data (the tag pydantic adds for a union member) are skipped.
+    """
+    line = getattr(raw, "line", default)
+    node = raw
+    found: list[int | str] = []
+    for step in loc:
+        if isinstance(node, SourceMap) and not isinstance(step, int) and step in node:
+            line = node.key_lines.get(step, line)
+            node = node[step]
+        elif isinstance(node, SourceList) and isinstance(step, int) and 0 <= step < len(node):
+            line = node.item_lines[step]
+            node = node[step]
+        else:
+            continue
+        found.append(step)
+    return line, tuple(found)
+
+
+def validation_diagnostics(
+    exc: ValidationError,
+    raw: Any,
+    file: str,
+    model: type[BaseModel],
+    prefix: Loc = (),
+    skip: set[Loc] | None = None,
+) -> list[Diagnostic]:
+    """Turn pydantic's errors into diagnostics, one per problem, with a "did you mean" for typos."""
+    out: list[Diagnostic] = []
+    for error in exc.errors(include_url=False):
+        loc: Loc = tuple(error["loc"])
+        line, path = line_of(raw, loc)
+        full = (*prefix, *path)
+        if skip and full in skip:
+            continue
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            key = str(path[-1]) if path else str(loc[-1])
+            message = f"unknown key '{key}'"
+            allowed = _fields_at(model, loc[:-1])
+            suggestion = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            if suggestion:
+                message += f" (did you mean '{suggestion[0]}'?)"
+            elif allowed:
+                message += f" (allowed here: {', '.join(sorted(allowed))})"
+        elif kind == "missing":
+            message = f"missing required key '{loc[-1]}'"
+            full = (*full, loc[-1])
+        else:
+            message = str(error["msg"])
+            given = error.get("input")
+            if isinstance(given, str | int | float | bool) or given is None:
+                message += f" (got {given!r})"
+            elif isinstance(given, dict):
+                message += " (got a mapping)"
+            elif isinstance(given, list):
+                message += " (got a list)"
+        out.append(Diagnostic(file, line, format_path(full), message))
+    return out
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
+    """The keys allowed in the mapping at ``loc``, by walking the model's annotations."""
+    current: Any = model
+    for step in loc:
+        candidates = _models_in(current)
+        if isinstance(step, int):
+            current = _unwrap_container(current)
+            continue
+        chosen: Any = None
+        for candidate in candidates:
+            if step in candidate.model_fields:
+                chosen = candidate.model_fields[step].annotation
+                break
+            tag = candidate.model_fields.get("type")
+            if tag is not None and step in typing.get_args(tag.annotation):
+                chosen = candidate
+                break
+        if chosen is None:
+            return []
+        current = chosen
+    models = _models_in(current)
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _unwrap_container(annotation: Any) -> Any:
+    for arg in _flatten(annotation):
+        origin = typing.get_origin(arg)
+        if origin in (list, tuple, set):
+            return typing.get_args(arg)[0]
+        if origin is dict:
+            return typing.get_args(arg)[1]
+    return annotation
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    found: list[type[BaseModel]] = []
+    for arg in _flatten(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            found.append(arg)
+        elif typing.get_origin(arg) in (list, tuple, dict, set):
+            continue
+    return found
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _flatten(typing.get_args(annotation)[0])
+    if origin is typing.Union or isinstance(annotation, types.UnionType):
+        return [leaf for arg in typing.get_args(annotation) for leaf in _flatten(arg)]
+    return [annotation]

@@ -1,0 +1,211 @@
+"""The restore plan: which wave each host is restored in, and in what order. Pure: estate in, plan out.
+
+Rules:
+
+* A host's own wave is the earliest wave that lists one of its services; a host whose services are in no
+  wave (or that has none) goes to the catch-all wave.
+* A dependency must be online before its dependents start, so it is *pulled forward* into the wave of its
+  earliest dependent, transitively. The plan records which dependent pulled it (``pulled_forward_by``)
+  and the chain up to the host whose own wave set the pace.
+* Within a wave, hosts are in a valid start order (dependencies first); among hosts free to go, the one
+  whose service comes first in the wave's list goes first, then servers before workstations, then by name.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from restore_flows.inventory.estate import Estate, Host
+from restore_flows.inventory.models import CATCH_ALL, HostKind
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedHost:
+    name: str
+    wave: str
+    own_wave: str
+    """The wave its services alone would put it in."""
+    pulled_forward_by: str | None
+    """The dependent that pulled it into an earlier wave, or None."""
+    pulled_forward_chain: tuple[str, ...]
+    """From the direct dependent to the host whose own wave it is: why it moved."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedWave:
+    name: str
+    services: tuple[str, ...]
+    hosts: tuple[str, ...]
+    """In start order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    estate: Estate
+    waves: tuple[PlannedWave, ...]
+    hosts: Mapping[str, PlannedHost]
+
+    def wave(self, name: str) -> PlannedWave:
+        for wave in self.waves:
+            if wave.name == name:
+                return wave
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as ``restore plan --json`` prints it."""
+        hosts = self.estate.hosts
+        return {
+            "waves": [
+                {
+                    "name": wave.name,
+                    "services": list(wave.services),
+                    "hosts": list(wave.hosts),
+                    "counts": summarize(wave, hosts),
+                }
+                for wave in self.waves
+            ],
+            "hosts": {
+                name: {
+                    "wave": planned.wave,
+                    "own_wave": planned.own_wave,
+                    "kind": hosts[name].kind.value,
+                    "site": hosts[name].site,
+                    "role": hosts[name].role,
+                    "department": hosts[name].department,
+                    "services": list(hosts[name].services),
+                    "depends_on": list(hosts[name].depends_on),
+                    "restore_method": hosts[name].restore_method.value,
+                    "forensic_hold": hosts[name].forensic_hold,
+                    "pulled_forward_by": planned.pulled_forward_by,
+                    "pulled_forward_chain": list(planned.pulled_forward_chain),
+                }
+                for wave in self.waves
+                for name in wave.hosts
+                for planned in (self.hosts[name],)
+            },
+        }
+
+
+def summarize(wave: PlannedWave, hosts: Mapping[str, Host]) -> dict[str, dict[str, int]]:
+    """Counts of a wave's hosts by site, kind, service and department."""
+    by_site: Counter[str] = Counter()
+    by_kind: Counter[str] = Counter()
+    by_service: Counter[str] = Counter()
+    by_department: Counter[str] = Counter()
+    for name in wave.hosts:
+        host = hosts[name]
+        by_site[host.site] += 1
+        by_kind[host.kind.value] += 1
+        by_department[host.department] += 1
+        by_service.update(host.services or ("(none)",))
+    return {
+        "site": dict(sorted(by_site.items())),
+        "kind": dict(sorted(by_kind.items())),
+        "service": dict(sorted(by_service.items())),
+        "department": dict(sorted(by_department.items())),
+    }
+
+
+def plan(estate: Estate) -> Plan:
+    """Plan the estate. The estate must be valid (no cycles, no unknown references)."""
+    waves = estate.waves
+    service_wave = estate.wave_of_service()
+    catch_all = service_wave.get(CATCH_ALL, len(waves) - 1)
+    hosts = estate.hosts
+
+    own: dict[str, int] = {}
+    for name, host in hosts.items():
+        listed = [service_wave[s] for s in host.services if s in service_wave]
+        own[name] = min(listed) if listed else catch_all
+
+    dependents: dict[str, list[str]] = {name: [] for name in hosts}
+    for name, host in hosts.items():
+        for dependency in host.depends_on:
+            dependents[dependency].append(name)
+
+    # Dependents before their dependencies (Kahn's algorithm over "is depended on by"), so that a
+    # host's wave is final before it is pushed down to what it depends on.
+    assigned = dict(own)
+    pulled_by: dict[str, str] = {}
+    waiting = {name: len(dependents[name]) for name in hosts}
+    ready = [name for name, count in waiting.items() if count == 0]
+    while ready:
+        name = ready.pop()
+        wave = assigned[name]
+        for dependency in hosts[name].depends_on:
+            current = assigned[dependency]
+            better = wave < current or (
+                wave == current and dependency in pulled_by and name < pulled_by[dependency]
+            )
+            if better and wave < own[dependency]:
+                assigned[dependency] = wave
+                pulled_by[dependency] = name
+            waiting[dependency] -= 1
+            if waiting[dependency] == 0:
+                ready.append(dependency)
+    if any(count > 0 for count in waiting.values()):
+        raise ValueError("dependency cycle: validate the inventory before planning")
+
+    planned_hosts: dict[str, PlannedHost] = {}
+    for name in hosts:
+        chain: list[str] = []
+        cursor = pulled_by.get(name)
+        while cursor is not None:
+            chain.append(cursor)
+            cursor = pulled_by.get(cursor)
+        planned_hosts[name] = PlannedHost(
+            name=name,
+            wave=waves[assigned[name]].name,
+            own_wave=waves[own[name]].name,
+            pulled_forward_by=pulled_by.get(name),
+            pulled_forward_chain=tuple(chain),
+        )
+
+    members: list[list[str]] = [[] for _ in waves]
+    for name in hosts:
+        members[assigned[name]].append(name)
+    planned_waves = tuple(
+        PlannedWave(
+            name=wave.name,
+            services=tuple(wave.services),
+            hosts=_start_order(members[index], hosts, wave.services),
+        )
+        for index, wave in enumerate(waves)
+    )
+    return Plan(estate=estate, waves=planned_waves, hosts=planned_hosts)
+
+
+def _start_order(names: list[str], hosts: Mapping[str, Host], services: list[str]) -> tuple[str, ...]:
+    """Topological order inside one wave, ties broken by service priority, kind, then name."""
+    priority = {service: index for index, service in enumerate(services) if service != CATCH_ALL}
+    unlisted = len(services)
+    inside = set(names)
+
+    def key(name: str) -> tuple[int, int, str]:
+        host = hosts[name]
+        rank = min((priority[s] for s in host.services if s in priority), default=unlisted)
+        return (rank, 0 if host.kind is HostKind.SERVER else 1, name)
+
+    blocking = {name: sum(1 for d in hosts[name].depends_on if d in inside) for name in names}
+    dependents: dict[str, list[str]] = {name: [] for name in names}
+    for name in names:
+        for dependency in hosts[name].depends_on:
+            if dependency in inside:
+                dependents[dependency].append(name)
+    heap = [(key(name), name) for name, count in blocking.items() if count == 0]
+    heapq.heapify(heap)
+    order: list[str] = []
+    while heap:
+        _, name = heapq.heappop(heap)
+        order.append(name)
+        for dependent in dependents[name]:
+            blocking[dependent] -= 1
+            if blocking[dependent] == 0:
+                heapq.heappush(heap, (key(dependent), dependent))
+    if len(order) != len(names):
+        raise ValueError("dependency cycle: validate the inventory before planning")
+    return tuple(order)

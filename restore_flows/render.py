@@ -1,0 +1,91 @@
+"""Rich rendering for people: the plan and inventory diagnostics. Machines read ``--json`` instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from restore_flows.errors import Diagnostic, Severity
+from restore_flows.inventory.estate import Estate
+from restore_flows.inventory.models import HostKind
+from restore_flows.planning import Plan, summarize
+
+
+def diagnostics(console: Console, found: Iterable[Diagnostic]) -> None:
+    for diagnostic in found:
+        style = "yellow" if diagnostic.severity is Severity.WARNING else "red"
+        console.print(Text(str(diagnostic), style=style), soft_wrap=True)
+
+
+def estate_summary(estate: Estate) -> str:
+    servers = sum(1 for h in estate.hosts.values() if h.kind is HostKind.SERVER)
+    workstations = len(estate.hosts) - servers
+    return (
+        f"{len(estate.hosts):,} hosts ({servers:,} servers, {workstations:,} workstations) "
+        f"in {len(estate.sites)} sites, {len(estate.waves)} waves, {len(estate.pools)} pools"
+    )
+
+
+def plan(console: Console, the_plan: Plan) -> None:
+    hosts = the_plan.estate.hosts
+    sites = the_plan.estate.sites
+    overview = Table(title="Restore waves, in order", title_justify="left")
+    for column in ("#", "wave", "services", "servers", "workstations", "hosts", "pulled forward"):
+        overview.add_column(column, justify="right" if column not in ("wave", "services") else "left")
+    for number, wave in enumerate(the_plan.waves, start=1):
+        counts = summarize(wave, hosts)
+        pulled = sum(1 for n in wave.hosts if the_plan.hosts[n].pulled_forward_by)
+        overview.add_row(
+            str(number),
+            wave.name,
+            ", ".join(wave.services),
+            f"{counts['kind'].get('server', 0):,}",
+            f"{counts['kind'].get('workstation', 0):,}",
+            f"{len(wave.hosts):,}",
+            f"{pulled:,}",
+        )
+    console.print(overview)
+
+    for number, wave in enumerate(the_plan.waves, start=1):
+        if not wave.hosts:
+            continue
+        counts = summarize(wave, hosts)
+        table = Table(title=f"Wave {number}: {wave.name}", title_justify="left")
+        table.add_column("site")
+        table.add_column("kind of site")
+        table.add_column("servers", justify="right")
+        table.add_column("workstations", justify="right")
+        table.add_column("departments")
+        by_site: dict[str, dict[str, int]] = {}
+        departments: dict[str, set[str]] = {}
+        for name in wave.hosts:
+            host = hosts[name]
+            by_site.setdefault(host.site, {"server": 0, "workstation": 0})[host.kind.value] += 1
+            departments.setdefault(host.site, set()).add(host.department)
+        for site in sorted(by_site):
+            table.add_row(
+                site,
+                sites[site].kind.value,
+                f"{by_site[site]['server']:,}",
+                f"{by_site[site]['workstation']:,}",
+                ", ".join(sorted(departments[site])),
+            )
+        services = ", ".join(f"{s} {n}" for s, n in counts["service"].items())
+        console.print(Group(table, Text(f"  by service: {services}", style="dim")))
+
+    moved = [p for p in the_plan.hosts.values() if p.pulled_forward_by]
+    if moved:
+        table = Table(title="Pulled forward: restored before their own wave", title_justify="left")
+        table.add_column("host")
+        table.add_column("own wave")
+        table.add_column("restored in")
+        table.add_column("because")
+        order = {wave.name: i for i, wave in enumerate(the_plan.waves)}
+        for planned in sorted(moved, key=lambda p: (order[p.wave], p.name)):
+            chain = " <- ".join(planned.pulled_forward_chain)
+            table.add_row(planned.name, planned.own_wave, planned.wave, f"needed by {chain}")
+        console.print(table)
+    console.print(estate_summary(the_plan.estate))
