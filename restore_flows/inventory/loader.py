@@ -396,7 +396,8 @@ class _Loader:
             pools={n: i.model for n, i in pools.items()},
             hosts=hosts,
         )
-        if not hosts and not self.entries and self.files:
+        nothing_failed = not any(d.severity is Severity.ERROR for d in self.diagnostics)
+        if not hosts and not self.entries and self.files and nothing_failed:
             self.error(self.files[0], 1, "hosts", "empty inventory: no hosts are defined in any file")
         self._check_dependencies(estate)
         self._check_services(estate)
@@ -490,11 +491,13 @@ class _Loader:
         location: Location,
     ) -> Host | None:
         pick, where = sources.pick, sources.where
+        # With an unknown role, what it would have supplied is not "missing": that is one mistake.
+        role_known = entry.role_name is None or len(sources.values) > len(entry.layers)
         ok = True
         kind: HostKind | None = pick("kind")
         site: str | None = pick("site")
         for key, got in (("kind", kind), ("site", site)):
-            if got is None:
+            if got is None and role_known:
                 self.error(
                     *where(key),
                     f"missing '{key}': set it on the host, in its group's defaults or on its role",

@@ -189,6 +189,10 @@ def parse_yaml(text: str, display_name: str) -> Any:
         problem = exc.problem or "invalid YAML"
         if exc.context:
             problem = f"{problem} ({exc.context})"
+        lines = text.splitlines()
+        if 0 < line <= len(lines) and "{site}" in lines[line - 1]:
+            # In YAML '{' opens a mapping: the commonest slip with pool and dependency templates.
+            problem += "; quote values that contain '{site}', e.g. \"imaging-{site}\""
         raise YamlSyntaxError(Location(display_name, line), f"YAML syntax: {problem}") from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(Location(display_name, 1), f"YAML syntax: {exc}") from None

@@ -1,0 +1,3 @@
+from restore_flows.cli import main
+
+main()
