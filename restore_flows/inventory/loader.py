@@ -168,7 +168,8 @@ class _Loader:
     roles: list[_Item[Role]] = field(default_factory=list)
     entries: list[_HostEntry] = field(default_factory=list)
     # Names of items that failed their own validation: referring to them is not a second error.
-    broken_names: set[str] = field(default_factory=set)
+    broken: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    unreadable: bool = False
     sources: dict[str, _Sources] = field(default_factory=dict)
     _seen: set[tuple[str, int, str, str]] = field(default_factory=set)
 
@@ -215,9 +216,11 @@ class _Loader:
             raw = load_yaml(path, name)
         except YamlSyntaxError as exc:
             self.error(exc.location.file, exc.location.line, "", exc.message)
+            self.unreadable = True
             return
         except (OSError, UnicodeDecodeError) as exc:
             self.error(name, 1, "", f"cannot read the file: {exc}")
+            self.unreadable = True
             return
         if raw is None:
             return
@@ -320,12 +323,15 @@ class _Loader:
                 if not isinstance(raw_item, SourceMap | SourceList):
                     found = replace(found, line=line)  # noqa: PLW2901
                 self._add(found)
+            section = str(prefix[0])
             if isinstance(raw_item, SourceMap) and isinstance(raw_item.get("name"), str):
-                self.broken_names.update(_safe_expand(raw_item["name"]))
+                self.broken[section].update(_safe_expand(raw_item["name"]))
+            elif section in ("hosts", "groups"):
+                self.broken["hosts"].add("")  # a host without a usable name was dropped
             if isinstance(raw_item, SourceMap) and isinstance(raw_item.get("hosts"), list):
                 for host in raw_item["hosts"]:
                     if isinstance(host, dict) and isinstance(host.get("name"), str):
-                        self.broken_names.update(_safe_expand(host["name"]))
+                        self.broken["hosts"].update(_safe_expand(host["name"]))
             return None
         if any(path[: len(prefix)] == prefix for path in secret_paths):
             return None
@@ -406,7 +412,7 @@ class _Loader:
 
     def _check_waves(self) -> list[_Item[Wave]]:
         waves = list(self._unique("wave", self.waves).values())
-        if not waves and self.files:
+        if not waves and self.files and not self.unreadable:
             self.error(self.files[0], 1, "waves", "no waves are defined: list them under 'waves:'")
         owner: dict[str, _Item[Wave]] = {}
         for wave in waves:
@@ -445,7 +451,7 @@ class _Loader:
                 )
             else:
                 role_item = roles.get(entry.role_name)
-                if role_item is None:
+                if role_item is None and entry.role_name not in self.broken["roles"]:
                     where = _first_layer_with(entry.layers, "role")
                     self.error(*where, _unknown("role", entry.role_name, roles))
             sources = _Sources(
@@ -458,12 +464,13 @@ class _Loader:
                 names = expand(entry.spec.name)
             except RangeError as exc:
                 self.error(*host_layer.where("name"), str(exc))
+                self.broken["hosts"].add(entry.spec.name)
                 continue
             name_location = Location(*host_layer.where("name")[:2])
             duplicates: list[str] = []
             host = self._make_host(names[0], entry, sources, sites, pools, name_location)
             if host is None:
-                self.broken_names.update(names)
+                self.broken["hosts"].update(names)
                 continue
             for name in names:
                 if name in first_seen:
@@ -491,8 +498,9 @@ class _Loader:
         location: Location,
     ) -> Host | None:
         pick, where = sources.pick, sources.where
-        # With an unknown role, what it would have supplied is not "missing": that is one mistake.
-        role_known = entry.role_name is None or len(sources.values) > len(entry.layers)
+        # With a missing or unknown role, what it would have supplied is not "missing" as well: that
+        # is one mistake, reported once.
+        role_known = len(sources.values) > len(entry.layers)
         ok = True
         kind: HostKind | None = pick("kind")
         site: str | None = pick("site")
@@ -504,7 +512,8 @@ class _Loader:
                 )
                 ok = False
         if site is not None and site not in sites:
-            self.error(*where("site"), _unknown("site", site, sites))
+            if site not in self.broken["sites"]:
+                self.error(*where("site"), _unknown("site", site, sites))
             ok = False
         if not ok or kind is None or site is None:
             return None
@@ -525,7 +534,7 @@ class _Loader:
                 filled = self._fill_site(ref, site, where("pools"))
                 if filled is None:
                     continue
-                if filled not in pools:
+                if filled not in pools and filled not in self.broken["pools"]:
                     origin = f" (from '{ref}' for site {site})" if ref != filled else ""
                     self.error(
                         *where("pools"),
@@ -571,7 +580,7 @@ class _Loader:
         hosts = estate.hosts
         for host in hosts.values():
             for dependency in host.depends_on:
-                if dependency in hosts or dependency in self.broken_names:
+                if dependency in hosts or dependency in self.broken["hosts"]:
                     continue
                 self.error(
                     *self._host_where(host, "depends_on"),
@@ -617,13 +626,14 @@ class _Loader:
                     f"workstation {name} is a dependency of {count} host(s): should it be a server?",
                 )
         for host in estate.hosts.values():
-            if not host.services:
+            if not host.services and estate.catch_all is not None:
                 self.warn(
                     *self._host_where(host, "services"),
                     "no services: it will be restored in the catch-all wave unless a dependent "
                     "pulls it forward",
                 )
-        for name, item in sites.items():
+        # A host that failed its own checks may well be the one that uses the site.
+        for name, item in sites.items() if not self.broken["hosts"] else ():
             if name not in used_sites:
                 self.warn(*item.layer.where("name"), f"site '{name}' has no hosts")
 

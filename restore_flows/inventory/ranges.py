@@ -32,7 +32,7 @@ def expand(pattern: str) -> list[str]:
     start, end = int(start_text), int(end_text)
     if start > end:
         raise RangeError(f"malformed range {pattern!r}: start {start_text} is after end {end_text}")
-    padded = start_text.startswith("0") and len(start_text) > 1
+    padded = any(text.startswith("0") and len(text) > 1 for text in (start_text, end_text))
     if padded and len(start_text) != len(end_text):
         raise RangeError(
             f"malformed range {pattern!r}: zero-padded bounds must have the same width "
@@ -40,6 +40,6 @@ def expand(pattern: str) -> list[str]:
         )
     if end - start + 1 > MAX_RANGE:
         raise RangeError(f"range {pattern!r} has {end - start + 1} hosts; at most {MAX_RANGE}")
-    width = len(start_text) if padded else 0
+    width = len(start_text) if padded else 0  # same width as end_text when padded
     prefix, suffix = match["prefix"], match["suffix"]
     return [f"{prefix}{number:0{width}d}{suffix}" for number in range(start, end + 1)]

@@ -184,11 +184,17 @@ def parse_yaml(text: str, display_name: str) -> Any:
     except YamlSyntaxError as exc:
         raise YamlSyntaxError(Location(display_name, exc.location.line), exc.message) from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        # An unclosed bracket shows only where parsing gave up (often past the end of the file);
+        # the context mark says where the construct was opened, which is the line to fix.
+        # For other problems (a tab, a bad scalar) the problem mark is the right line.
+        opened = exc.context_mark is not None and "flow" in (exc.context or "")
+        mark = exc.context_mark if opened else (exc.problem_mark or exc.context_mark)
         line = mark.line + 1 if mark is not None else 1
         problem = exc.problem or "invalid YAML"
         if exc.context:
-            problem = f"{problem} ({exc.context})"
+            problem = f"{problem} ({exc.context}{' opened here' if opened else ''})"
+            if opened and exc.problem_mark is not None and exc.problem_mark.line + 1 != line:
+                problem += f"; the parser gave up at line {exc.problem_mark.line + 1}"
         lines = text.splitlines()
         if 0 < line <= len(lines) and "{site}" in lines[line - 1]:
             # In YAML '{' opens a mapping: the commonest slip with pool and dependency templates.

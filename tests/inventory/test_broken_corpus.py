@@ -1,0 +1,186 @@
+"""The corpus of broken inventories: each mistake must be reported once, at the right file and line.
+
+Every directory under ``broken/`` is one case: a small inventory (one or more ``*.yaml`` files) holding
+the intended mistake and nothing else, and ``expected.txt`` saying what ``load_inventory`` must report.
+Each line of ``expected.txt`` that is neither empty nor a ``#`` comment reads::
+
+    [warning ]FILE:LINE: TEXT
+
+- ``FILE`` is the file's path relative to the case directory (``sites.yaml``). A diagnostic about the
+  directory itself (no ``*.yaml`` file at all) is written ``.``, the case directory.
+- ``LINE`` is the 1-based line the engineer must edit.
+- ``TEXT`` must be a substring of the diagnostic's ``field: message``.
+- ``warning `` expects a warning; otherwise an error is expected.
+
+Each expected line must match exactly one diagnostic, and there must be no diagnostic beyond those
+expected: a case with errors loads no estate and makes ``restore validate`` exit with status 2; a case
+with warnings only loads an estate and exits with status 0.
+
+To add a case: write the inventory, run ``restore validate`` on it, check that what it says is right,
+then write ``expected.txt`` for the right behaviour.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from restore_flows.cli import EXIT_INVALID, app
+from restore_flows.errors import Diagnostic, Severity
+from restore_flows.inventory.loader import LoadResult, load_inventory
+
+CORPUS = Path(__file__).parent / "broken"
+CASES = sorted(path for path in CORPUS.iterdir() if path.is_dir())
+DIRECTORY = "."
+"""How ``expected.txt`` names the case directory itself."""
+
+_EXPECTED_LINE = re.compile(r"^(?:(?P<warning>warning) )?(?P<file>[^\s:]+):(?P<line>[0-9]+): (?P<text>.+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """One line of ``expected.txt``."""
+
+    file: str
+    line: int
+    text: str
+    severity: Severity
+    origin: str
+    """Where the expectation is written (``expected.txt:3``), for failure messages."""
+
+    def matches(self, found: Found) -> bool:
+        return (
+            found.severity is self.severity
+            and found.file == self.file
+            and found.line == self.line
+            and self.text in found.text
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A diagnostic with its file made relative to the case directory."""
+
+    file: str
+    line: int
+    text: str
+    severity: Severity
+
+    def __str__(self) -> str:
+        prefix = "warning " if self.severity is Severity.WARNING else ""
+        return f"{prefix}{self.file}:{self.line}: {self.text}"
+
+
+def read_expected(case: Path) -> list[Expected]:
+    expected_file = case / "expected.txt"
+    assert expected_file.is_file(), f"{case.name}: no expected.txt"
+    expected: list[Expected] = []
+    for number, raw in enumerate(expected_file.read_text(encoding="utf-8").splitlines(), start=1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        origin = f"{expected_file}:{number}"
+        match = _EXPECTED_LINE.match(text)
+        assert match is not None, f"{origin}: not '[warning ]FILE:LINE: TEXT': {raw!r}"
+        severity = Severity.WARNING if match["warning"] else Severity.ERROR
+        expected.append(Expected(match["file"], int(match["line"]), match["text"], severity, origin))
+    assert expected, f"{expected_file}: expects nothing; every case must expect at least one diagnostic"
+    return expected
+
+
+def relative_file(diagnostic: Diagnostic, case: Path) -> str:
+    """The diagnostic's file relative to the case directory: ``.`` for the directory itself."""
+    path = Path(diagnostic.file).resolve()
+    try:
+        return path.relative_to(case.resolve()).as_posix()
+    except ValueError:
+        return str(path)  # outside the case: can never match an expectation, shown as it is
+
+
+def found_in(result: LoadResult, case: Path) -> list[Found]:
+    return [
+        Found(
+            relative_file(d, case),
+            d.line,
+            f"{d.field}: {d.message}" if d.field else d.message,
+            d.severity,
+        )
+        for d in result.diagnostics
+    ]
+
+
+def describe(found: list[Found]) -> str:
+    return "\n".join(f"    {f}" for f in found) or "    (nothing)"
+
+
+def count(items: list[Expected] | list[Found], severity: Severity) -> int:
+    return sum(1 for item in items if item.severity is severity)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_expected_txt_points_into_the_case(case: Path) -> None:
+    """A typo in ``expected.txt`` must not pass for a loader bug: FILE exists and LINE is in it."""
+    for expected in read_expected(case):
+        if expected.file == DIRECTORY:
+            assert expected.line == 1, f"{expected.origin}: the directory itself is always line 1"
+            continue
+        target = case / expected.file
+        assert target.is_file(), f"{expected.origin}: no file {expected.file} in {case.name}"
+        lines = len(target.read_text(encoding="utf-8").splitlines())
+        assert 1 <= expected.line <= lines, f"{expected.origin}: {expected.file} has {lines} lines"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_loader_reports_exactly_the_expected_diagnostics(case: Path) -> None:
+    expected = read_expected(case)
+    result = load_inventory(case)
+    found = found_in(result, case)
+    report = f"\n  {case.name} reported:\n{describe(found)}"
+
+    for item in expected:
+        matching = [f for f in found if item.matches(f)]
+        assert len(matching) == 1, (
+            f"{item.origin}: expected exactly one {item.severity.value} "
+            f"'{item.file}:{item.line}: ...{item.text}...', got {len(matching)}{report}"
+        )
+    for severity in (Severity.ERROR, Severity.WARNING):
+        reported, wanted = count(found, severity), count(expected, severity)
+        assert reported == wanted, (
+            f"{case.name}: {reported} {severity.value}(s) reported, {wanted} expected{report}"
+        )
+    if count(expected, Severity.ERROR):
+        assert result.estate is None, f"{case.name}: an inventory with errors must load no estate"
+    else:
+        assert result.estate is not None, f"{case.name}: warnings must not block the estate{report}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_validate_command_prints_each_location(case: Path) -> None:
+    """``restore validate`` prints every diagnostic with its location, never a traceback.
+
+    The command prints paths as given (relative to the working directory, or absolute), so a
+    location is looked for as ``FILE:LINE:`` at the end of a path; the directory itself is found by
+    its name.
+    """
+    expected = read_expected(case)
+    result = CliRunner().invoke(app, ["validate", str(case)])
+    output = result.output
+
+    assert "Traceback" not in output, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), output
+    has_errors = count(expected, Severity.ERROR) > 0
+    assert result.exit_code == (EXIT_INVALID if has_errors else 0), output
+    if not has_errors:
+        assert "inventory OK" in output, output
+    lines = output.splitlines()
+    for item in expected:
+        name = case.name if item.file == DIRECTORY else item.file
+        where = re.compile(rf"(?:^|[/\\]){re.escape(name)}:{item.line}: ")
+        printed = [line for line in lines if where.search(line) and item.text in line]
+        assert printed, f"{item.origin}: '{name}:{item.line}: ...{item.text}' not printed:\n{output}"
+        if item.severity is Severity.WARNING:
+            assert all("warning: " in line for line in printed), output
