@@ -46,6 +46,7 @@ from restore_flows.inventory.ranges import RangeError, expand
 from restore_flows.inventory.schemacheck import (
     Loc,
     find_literal_secrets,
+    may_hold_secrets,
     format_path,
     validation_diagnostics,
 )
@@ -54,7 +55,8 @@ from restore_flows.inventory.yamlsource import (
     SourceList,
     SourceMap,
     YamlSyntaxError,
-    load_yaml,
+    parse_yaml,
+    paused_gc,
 )
 
 SITE_PLACEHOLDER = "{site}"
@@ -89,7 +91,10 @@ def load_inventory(directory: Path) -> LoadResult:
     if not directory.is_dir():
         raise UsageError(f"inventory directory {str(directory)!r} does not exist")
     paths = sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
-    return _Loader().run(directory, paths)
+    # Loading builds a few objects per value and none of them form cycles: collection passes over
+    # hundreds of thousands of young objects would cost more than the load itself.
+    with paused_gc():
+        return _Loader().run(directory, paths)
 
 
 def display_name(path: Path) -> str:
@@ -213,7 +218,8 @@ class _Loader:
         name = display_name(path)
         self.files.append(name)
         try:
-            raw = load_yaml(path, name)
+            text = path.read_text(encoding="utf-8")
+            raw = parse_yaml(text, name)
         except YamlSyntaxError as exc:
             self.error(exc.location.file, exc.location.line, "", exc.message)
             self.unreadable = True
@@ -232,7 +238,7 @@ class _Loader:
                 f"the top level must be a mapping of sections ({', '.join(InventoryFile.model_fields)})",
             )
             return
-        secrets, secret_paths = find_literal_secrets(raw, name)
+        secrets, secret_paths = find_literal_secrets(raw, name) if may_hold_secrets(text) else ([], set())
         for diagnostic in secrets:
             self._add(diagnostic)
         try:
@@ -520,7 +526,7 @@ class _Loader:
 
         depends_on: list[str] = []
         for pattern in pick("depends_on") or ():
-            filled = self._fill_site(pattern, site, where("depends_on"))
+            filled = self._fill_site(pattern, site, sources, "depends_on")
             if filled is None:
                 continue
             try:
@@ -531,7 +537,7 @@ class _Loader:
         for stage, refs in (pick("pools") or {}).items():
             names = []
             for ref in refs:
-                filled = self._fill_site(ref, site, where("pools"))
+                filled = self._fill_site(ref, site, sources, "pools")
                 if filled is None:
                     continue
                 if filled not in pools and filled not in self.broken["pools"]:
@@ -564,10 +570,12 @@ class _Loader:
             description=entry.spec.description,
         )
 
-    def _fill_site(self, template: str, site: str, where: tuple[str, int, str]) -> str | None:
+    def _fill_site(self, template: str, site: str, sources: _Sources, key: str) -> str | None:
+        if "{" not in template and "}" not in template:
+            return template
         filled = template.replace(SITE_PLACEHOLDER, site)
         if "{" in filled or "}" in filled:
-            self.error(*where, f"'{template}': the only placeholder is {SITE_PLACEHOLDER}")
+            self.error(*sources.where(key), f"'{template}': the only placeholder is {SITE_PLACEHOLDER}")
             return None
         return filled
 

@@ -42,6 +42,16 @@ SECRET_KEYS = frozenset(
     }
 )
 _PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+# A cheap pre-check on the file's text, so that the walk over every value runs only for files that
+# might hold a secret. It may say yes wrongly (a comment, a description); it never says no wrongly:
+# any secret key written as a key is followed by a colon.
+_MAYBE_SECRET = re.compile(
+    r"(?i)(?<![\w-])[\"']?(" + "|".join(sorted(SECRET_KEYS)) + r")[\"']?\s*:|-----BEGIN"
+)
+
+
+def may_hold_secrets(text: str) -> bool:
+    return _MAYBE_SECRET.search(text) is not None
 
 
 def find_literal_secrets(raw: Any, file: str) -> tuple[list[Diagnostic], set[Loc]]:
@@ -49,44 +59,45 @@ def find_literal_secrets(raw: Any, file: str) -> tuple[list[Diagnostic], set[Loc
     reported again as merely unknown)."""
     found: list[Diagnostic] = []
     paths: set[Loc] = set()
-    for loc, value, line in _walk(raw, ()):
-        key = loc[-1] if loc else None
-        if isinstance(key, str) and key.lower() in SECRET_KEYS and value not in (None, ""):
-            paths.add(loc)
-            found.append(
-                Diagnostic(
-                    file,
-                    line,
-                    format_path(loc),
-                    f"a literal secret in '{key}': the inventory refers to secrets by name only "
-                    f"(for example '{key}_secret: NAME'); remove the value and rotate it, "
-                    "it must be considered leaked",
-                )
+    # Iterative and allocation-light: this visits every value of every file on each load.
+    stack: list[tuple[Any, Loc]] = [(raw, ())]
+    while stack:
+        container, loc = stack.pop()
+        if isinstance(container, SourceMap):
+            items: Iterator[tuple[Any, Any, int]] = (
+                (key, value, container.key_lines.get(key, container.line)) for key, value in container.items()
             )
-        elif isinstance(value, str) and _PRIVATE_KEY.search(value):
-            paths.add(loc)
-            found.append(
-                Diagnostic(
-                    file,
-                    line,
-                    format_path(loc),
-                    "a private key is written in the inventory: refer to it by name "
-                    "('key_secret: NAME'); remove it and rotate it, it must be considered leaked",
+        else:
+            items = ((index, value, container.item_lines[index]) for index, value in enumerate(container))
+        for key, value, line in items:
+            if isinstance(value, SourceMap | SourceList):
+                stack.append((value, (*loc, key)))
+            if isinstance(key, str) and key.lower() in SECRET_KEYS and value not in (None, ""):
+                where = (*loc, key)
+                paths.add(where)
+                found.append(
+                    Diagnostic(
+                        file,
+                        line,
+                        format_path(where),
+                        f"a literal secret in '{key}': the inventory refers to secrets by name only "
+                        f"(for example '{key}_secret: NAME'); remove the value and rotate it, "
+                        "it must be considered leaked",
+                    )
                 )
-            )
+            elif isinstance(value, str) and "-----BEGIN" in value and _PRIVATE_KEY.search(value):
+                where = (*loc, key)
+                paths.add(where)
+                found.append(
+                    Diagnostic(
+                        file,
+                        line,
+                        format_path(where),
+                        "a private key is written in the inventory: refer to it by name "
+                        "('key_secret: NAME'); remove it and rotate it, it must be considered leaked",
+                    )
+                )
     return found, paths
-
-
-def _walk(value: Any, loc: Loc) -> Iterator[tuple[Loc, Any, int]]:
-    if isinstance(value, SourceMap):
-        for key, item in value.items():
-            line = value.key_lines.get(key, value.line)
-            yield (*loc, key), item, line
-            yield from _walk(item, (*loc, key))
-    elif isinstance(value, SourceList):
-        for index, item in enumerate(value):
-            yield (*loc, index), item, value.item_lines[index]
-            yield from _walk(item, (*loc, index))
 
 
 def format_path(loc: Sequence[int | str]) -> str:

@@ -13,7 +13,6 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -95,7 +94,7 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
 
 
 @contextmanager
-def _no_gc() -> Iterator[None]:
+def paused_gc() -> Iterator[None]:
     """Pause the cyclic collector: a parse allocates millions of acyclic objects, and collection
     passes over them cost more than the parse itself while reclaiming nothing. Afterwards the survivors
     are frozen out of later collections too; being acyclic, they are still freed by reference counting."""
@@ -169,16 +168,10 @@ class _Builder:
         return sources
 
 
-def load_yaml(path: Path, display_name: str) -> Any:
-    """Parse one YAML file; ``None`` for an empty document. Raises ``YamlSyntaxError``."""
-    text = path.read_text(encoding="utf-8")
-    return parse_yaml(text, display_name)
-
-
 def parse_yaml(text: str, display_name: str) -> Any:
     loader = _Loader(text)
     try:
-        with _no_gc():
+        with paused_gc():
             node = loader.get_single_node()
             return None if node is None else _Builder(loader).build(node)
     except YamlSyntaxError as exc:
