@@ -2,9 +2,16 @@
 
     RestoreError
     ├── InventoryError        the inventory cannot be used; carries every Diagnostic found
-    └── UsageError            a command was given something it cannot work with (missing directory...)
+    ├── UsageError            a command was given something it cannot work with (missing directory...)
+    └── LedgerError           the ledger refused or could not record something
+        ├── SchemaError       the database is not migrated to this code's revision (ledger.db)
+        ├── UnknownHost       no such host in the ledger
+        ├── IllegalTransition the state machine has no such move (states)
+        ├── SafetyViolation   a safety rule forbids it: evidence, approval, clean host, reason
+        ├── LeaseHeld         another run holds the host's lease
+        └── LeaseLost         this run's lease expired or was taken over: it must stop writing
 
-Later layers (ledger, drivers) add their branches here, kept shallow.
+Later layers (drivers) add their branches here, kept shallow.
 """
 
 from __future__ import annotations
@@ -52,3 +59,23 @@ class InventoryError(RestoreError):
         self.diagnostics = tuple(diagnostics)
         errors = [d for d in self.diagnostics if d.severity is Severity.ERROR]
         super().__init__(f"{len(errors)} inventory error(s)")
+
+
+class LedgerError(RestoreError):
+    pass
+
+
+class UnknownHost(LedgerError):
+    pass
+
+
+class SafetyViolation(LedgerError):
+    pass
+
+
+class LeaseHeld(LedgerError):
+    pass
+
+
+class LeaseLost(LedgerError):
+    pass

@@ -46,8 +46,8 @@ from restore_flows.inventory.ranges import RangeError, expand
 from restore_flows.inventory.schemacheck import (
     Loc,
     find_literal_secrets,
-    may_hold_secrets,
     format_path,
+    may_hold_secrets,
     validation_diagnostics,
 )
 from restore_flows.inventory.yamlsource import (
