@@ -1,24 +1,36 @@
 """The ``restore`` command. Thin: parse arguments, call the package, print, choose the exit status.
 
-Exit status: 0 success (warnings allowed), 2 the input cannot be used (inventory errors, bad arguments).
+Exit status: 0 success (warnings allowed); 1 the ledger refused (a safety rule, a lease held by a run,
+an illegal event); 2 the input cannot be used (inventory errors, bad arguments, unmigrated database).
 Expected failures never show a traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ParamSpec
 
 import typer
 from rich.console import Console
+from sqlalchemy import Engine
 
 from restore_flows import render
-from restore_flows.errors import RestoreError, UsageError
+from restore_flows.bootstrap import Context, load_and_sync, open_ledger
+from restore_flows.errors import InventoryError, LedgerError, RestoreError, UsageError
 from restore_flows.inventory.loader import LoadResult, load_inventory
 from restore_flows.inventory.schema import write_schema
+from restore_flows.ledger import db as ledger_db
+from restore_flows.ledger.db import SchemaError
+from restore_flows.ledger.status import history_report, status_report
+from restore_flows.planning import Plan
 from restore_flows.planning import plan as make_plan
+from restore_flows.settings import Settings
+from restore_flows.states import OPERATOR_EVENTS, Event
 
 app = typer.Typer(
     name="restore",
@@ -28,7 +40,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+P = ParamSpec("P")
+
+EXIT_REFUSED = 1
 EXIT_INVALID = 2
+
+db_app = typer.Typer(help="The ledger database: migrations.", no_args_is_help=True)
+evidence_app = typer.Typer(help="Forensic evidence records.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(evidence_app, name="evidence")
 
 InventoryDir = Annotated[
     Path,
@@ -45,7 +65,7 @@ def _out() -> Console:
 
 
 def _err() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _load_or_exit(directory: Path) -> LoadResult:
@@ -103,9 +123,182 @@ def schema(
     _out().print(f"wrote {output}")
 
 
+def _handled(command: Callable[P, None]) -> Callable[P, None]:
+    """Expected failures become a message and an exit status, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except InventoryError as exc:
+            render.diagnostics(_err(), exc.diagnostics)
+            _err().print(f"{exc}: the inventory cannot be used until they are fixed", style="bold red")
+            raise typer.Exit(EXIT_INVALID) from None
+        except (SchemaError, UsageError) as exc:
+            _err().print(f"error: {exc}", style="red")
+            raise typer.Exit(EXIT_INVALID) from None
+        except LedgerError as exc:
+            _err().print(f"refused: {exc}", style="red")
+            raise typer.Exit(EXIT_REFUSED) from None
+
+    return wrapper
+
+
+InventoryOption = Annotated[
+    Path,
+    typer.Option(
+        "--inventory",
+        "-i",
+        help="Inventory directory, synced into the ledger first.",
+        envvar="RESTORE_INVENTORY",
+    ),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _context() -> AbstractContextManager[Context]:
+    return open_ledger(Settings())
+
+
+@contextmanager
+def _engine() -> Iterator[Engine]:
+    engine = ledger_db.engine_from_settings(Settings())
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _sync(context: Context, inventory: Path) -> Plan:
+    """Sync the inventory into the ledger, telling what changed (on stderr, so --json stays clean)."""
+    _, the_plan, report = load_and_sync(context, inventory)
+    err = _err()
+    if report.enrolled:
+        err.print(f"enrolled {len(report.enrolled)} new host(s) as compromised")
+    if report.retired:
+        err.print(
+            f"retired {len(report.retired)} host(s) no longer in the inventory: "
+            + ", ".join(report.retired[:10])
+            + (" ..." if len(report.retired) > 10 else "")
+        )
+    if report.returned:
+        err.print(f"{len(report.returned)} retired host(s) are back in the inventory")
+    for old, new in report.possible_renames:
+        err.print(
+            f"[yellow]possible rename: {old} is gone and {new} is new (same site, role and kind). "
+            f"They stay two hosts: {old}'s history is kept under its name, {new} starts compromised.[/]"
+        )
+    return the_plan
+
+
+@db_app.command("upgrade")
+@_handled
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Create or migrate the ledger database (RESTORE_DATABASE_URL; default SQLite in data/)."""
+    with _engine() as engine:
+        before = ledger_db.current_revision(engine)
+        ledger_db.upgrade(engine, revision)
+        after = ledger_db.current_revision(engine)
+        where = engine.url.render_as_string(hide_password=True)
+    _out().print(f"ledger at {where}: revision {before or '(empty)'} -> {after}")
+
+
+@db_app.command("current")
+@_handled
+def db_current() -> None:
+    """Show the ledger database's revision and the one this code needs."""
+    engine = ledger_db.engine_from_settings(Settings())
+    _out().print(
+        f"database: {ledger_db.current_revision(engine) or '(not set up)'}; code: {ledger_db.head_revision()}"
+    )
+
+
+@app.command()
+@_handled
+def status(inventory: InventoryOption = Path("inventory"), as_json: JsonFlag = False) -> None:
+    """Where every host is: counts per state and percentage online, per wave, site, department, kind."""
+    with _context() as context:
+        the_plan = _sync(context, inventory)
+        report = status_report(context.ledger.hosts(), [w.name for w in the_plan.waves])
+        if as_json:
+            json.dump(report, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            render.status(_out(), report)
+
+
+@app.command()
+@_handled
+def history(
+    host: Annotated[str, typer.Argument(help="Host name.")],
+    inventory: InventoryOption = Path("inventory"),
+    as_json: JsonFlag = False,
+) -> None:
+    """What was done to one host, by which run, with whose approval, and what evidence was kept."""
+    with _context() as context:
+        _sync(context, inventory)
+        report = history_report(context.ledger.history(host))
+        if as_json:
+            json.dump(report, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            render.history(_out(), report)
+
+
+@evidence_app.command("add")
+@_handled
+def evidence_add(
+    host: Annotated[str, typer.Argument(help="Host the evidence was taken from.")],
+    sha256: Annotated[str, typer.Option(help="SHA-256 of the evidence file.")],
+    location: Annotated[str, typer.Option(help="Where it is stored (locker, share, drive label).")],
+    custodian: Annotated[str, typer.Option(help="Who holds it (name, badge).")],
+    kind: Annotated[str, typer.Option(help="disk-image, memory-dump, logs...")] = "disk-image",
+    inventory: InventoryOption = Path("inventory"),
+) -> None:
+    """Register evidence taken by hand by the forensic team; the host may then be wiped."""
+    with _context() as context:
+        _sync(context, inventory)
+        record = context.ledger.add_evidence(host, sha256, location, custodian, kind)
+        state = context.ledger.host(host).state
+        _out().print(f"evidence {record.kind} sha256:{record.sha256} recorded for {host} (now {state.value})")
+
+
+OperatorEvent = typer.Argument(
+    help="The decision: " + ", ".join(sorted(e.value for e in OPERATOR_EVENTS)),
+)
+
+
+@app.command("decide")
+@_handled
+def decide(
+    event: Annotated[str, OperatorEvent],
+    host: Annotated[str, typer.Argument(help="Host name.")],
+    actor: Annotated[str, typer.Option("--actor", help="Your name: recorded in the ledger.")],
+    reason: Annotated[str | None, typer.Option(help="Why (required for hold, skip, recompromise).")] = None,
+    inventory: InventoryOption = Path("inventory"),
+) -> None:
+    """An operator's decision on one host: retry or skip a failed stage, hold, release, recompromise."""
+    try:
+        chosen = Event(event)
+    except ValueError:
+        chosen = None
+    if chosen not in OPERATOR_EVENTS:
+        raise UsageError(
+            f"'{event}' is not an operator decision; choose one of "
+            + ", ".join(sorted(e.value for e in OPERATOR_EVENTS))
+        )
+    assert chosen is not None
+    with _context() as context:
+        _sync(context, inventory)
+        state = context.ledger.operator_event(host, chosen, actor=actor, reason=reason)
+        _out().print(f"{host}: {chosen.value} by {actor} -> {state.value}")
+
+
 def main() -> None:
     try:
         app()
-    except RestoreError as exc:
+    except RestoreError as exc:  # a command without its own handling: still no traceback
         _err().print(f"error: {exc}", style="red")
         sys.exit(EXIT_INVALID)

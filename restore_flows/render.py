@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console, Group
 from rich.table import Table
@@ -89,3 +90,75 @@ def plan(console: Console, the_plan: Plan) -> None:
             table.add_row(planned.name, planned.own_wave, planned.wave, f"needed by {chain}")
         console.print(table)
     console.print(estate_summary(the_plan.estate))
+
+
+def status(console: Console, report: dict[str, Any]) -> None:
+    estate = report["estate"]
+    console.print(
+        f"[bold]{estate['percent']}% online[/]: {estate['online']:,} of {estate['total']:,} hosts  "
+        + "  ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in estate["buckets"].items())
+    )
+    for dimension, title in (
+        ("waves", "wave"),
+        ("sites", "site"),
+        ("departments", "department"),
+        ("kinds", "kind"),
+    ):
+        groups = report[dimension]
+        states = sorted({s for g in groups.values() for s in g["states"]})
+        table = Table(title=f"By {title}", title_justify="left")
+        table.add_column(title)
+        table.add_column("% online", justify="right")
+        table.add_column("total", justify="right")
+        for state in states:
+            table.add_column(state.replace("_", " "), justify="right")
+        for name, group in groups.items():
+            table.add_row(
+                name,
+                f"{group['percent']:.1f}",
+                f"{group['total']:,}",
+                *(f"{group['states'].get(s, 0):,}" if group["states"].get(s) else "" for s in states),
+            )
+        console.print(table)
+
+
+def history(console: Console, report: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]{report['host']}[/]: {report['state']} (wave {report['wave']}, site {report['site']}, "
+        f"{report['kind']}, role {report['role']})"
+        + ("  [yellow]forensic hold[/]" if report["forensic_hold"] else "")
+        + ("  [dim]retired[/]" if report["retired"] else "")
+    )
+    if report["lease"]:
+        console.print(f"held by run {report['lease']['run']} until {report['lease']['expires']}")
+    table = Table(title="Transitions", title_justify="left")
+    for column in ("at", "from", "event", "to", "run", "actor", "detail"):
+        table.add_column(column)
+    for t in report["transitions"]:
+        table.add_row(
+            t["at"], t["from"] or "", t["event"], t["to"], (t["run"] or "")[:8], t["actor"], t["detail"] or ""
+        )
+    console.print(table)
+    if report["attempts"]:
+        table = Table(title="Stage attempts", title_justify="left")
+        for column in ("stage", "#", "run", "started", "ended", "outcome", "error"):
+            table.add_column(column)
+        for a in report["attempts"]:
+            table.add_row(
+                a["stage"],
+                str(a["number"]),
+                (a["run"] or "")[:8],
+                a["started"],
+                a["ended"] or "",
+                a["outcome"],
+                a["error"] or "",
+            )
+        console.print(table)
+    for e in report["evidence"]:
+        console.print(
+            f"evidence {e['kind']} sha256:{e['sha256']} at {e['location']}, custodian {e['custodian']} "
+            f"({e['at']})"
+        )
+    for a in report["approvals"]:
+        auto = " (automatic, rehearsal)" if a["automatic"] else ""
+        console.print(f"approved by {a['approver']} at {a['at']} for run {a['run'][:8]} ({a['scope']}){auto}")

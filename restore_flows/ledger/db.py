@@ -1,0 +1,111 @@
+"""Engines and migrations for the ledger database.
+
+SQLite is the embedded default. It is made safe for several writer processes: WAL (readers never
+block the writer), a busy timeout (writers queue instead of failing with "database is locked"), and
+``BEGIN IMMEDIATE`` for every transaction, so a transaction takes the write lock when it starts.
+Without that, two deferred transactions that both read and then write deadlock and one gets
+SQLITE_BUSY at once, whatever the busy timeout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from restore_flows.errors import LedgerError
+from restore_flows.settings import Settings
+
+ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
+
+
+class SchemaError(LedgerError):
+    """The ledger database is missing, unmigrated or at another revision than this code."""
+
+
+def make_engine(url: str, *, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"timeout": busy_timeout_ms / 1000, "isolation_level": None},
+        )
+        _sqlite_setup(engine, busy_timeout_ms)
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # WAL + NORMAL: a commit survives a process crash; only an OS crash may lose the last ones.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def engine_from_settings(settings: Settings) -> Engine:
+    return make_engine(settings.ledger_url(), busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    # '%' is interpolation syntax in the config parser: a password with '%' must not break it.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Refuse to work on a database this code was not written for."""
+    current = current_revision(engine)
+    head = head_revision()
+    where = engine.url.render_as_string(hide_password=True)
+    if current is None:
+        raise SchemaError(f"the ledger database at {where} is not set up: run 'restore db upgrade'")
+    if current != head:
+        raise SchemaError(
+            f"the ledger database at {where} is at revision {current}, this code needs {head}: "
+            "run 'restore db upgrade' (or use the matching version of restore-orchestrator)"
+        )

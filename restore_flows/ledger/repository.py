@@ -1,0 +1,711 @@
+"""The ledger: the truth about every host. All safety rules are enforced here, not in callers.
+
+Each public method is one database transaction. A state change is a single conditional UPDATE of the
+host row that names the expected state and, for runs, the lease's fencing token and expiry; if another
+writer got there first the UPDATE matches nothing and the change is refused. The transition log row,
+the attempt row and the state change commit together or not at all.
+
+Rules (see also docs/state-machine.md):
+
+* a host under forensic hold cannot start wiping without an evidence record;
+* a host that was verified clean cannot start wiping again until an operator sends ``recompromise``
+  with a reason;
+* a destructive event needs an approval recorded for the run that covers the host;
+* a stage left running by a crashed run is reported on takeover (``Lease.interrupted_stage``); the
+  table has no way to start it again until it is resolved (done after re-checking facts, or
+  ``interrupted`` -> failed, for an operator).
+
+There is deliberately no method that updates or deletes a transition.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Table, and_, func, insert, or_, select, update
+
+from restore_flows.errors import LeaseHeld, LeaseLost, SafetyViolation, UnknownHost
+from restore_flows.inventory.estate import Estate
+from restore_flows.ledger.records import (
+    ApprovalRecord,
+    AttemptRecord,
+    EvidenceRecord,
+    History,
+    HostRecord,
+    Lease,
+    SyncReport,
+    TransitionRecord,
+)
+from restore_flows.ledger.tables import (
+    ApprovalRow,
+    ApprovedHostRow,
+    AttemptRow,
+    EvidenceRow,
+    HostRow,
+    RunRow,
+    TransitionRow,
+)
+from restore_flows.planning import Plan
+from restore_flows.states import (
+    CLEAN,
+    DESTRUCTIVE,
+    INITIAL,
+    NEEDS_REASON,
+    STAGE_OF_STATE,
+    Event,
+    HostState,
+    advance,
+)
+
+Clock = Callable[[], dt.datetime]
+
+HOSTS = cast(Table, HostRow.__table__)
+RUNS = cast(Table, RunRow.__table__)
+TRANSITIONS = cast(Table, TransitionRow.__table__)
+ATTEMPTS = cast(Table, AttemptRow.__table__)
+EVIDENCE = cast(Table, EvidenceRow.__table__)
+APPROVALS = cast(Table, ApprovalRow.__table__)
+APPROVED = cast(Table, ApprovedHostRow.__table__)
+
+# Events that open an attempt of a stage; the stage's end events close it with an outcome.
+STARTS: dict[Event, str] = {
+    Event.CAPTURE_EVIDENCE: "evidence",
+    Event.START_WIPE: "wipe",
+    Event.START_REIMAGE: "reimage",
+    Event.START_RESTORE: "restore",
+    Event.START_VERIFY: "verify",
+    Event.START_RELEASE: "release",
+}
+OUTCOMES: dict[Event, str] = {
+    Event.EVIDENCE_CAPTURED: "succeeded",
+    Event.WIPE_DONE: "succeeded",
+    Event.REIMAGE_DONE: "succeeded",
+    Event.RESTORE_DONE: "succeeded",
+    Event.VERIFY_PASSED: "succeeded",
+    Event.RELEASE_DONE: "succeeded",
+    Event.EVIDENCE_FAILED: "failed",
+    Event.WIPE_FAILED: "failed",
+    Event.REIMAGE_FAILED: "failed",
+    Event.RESTORE_FAILED: "failed",
+    Event.VERIFY_FAILED: "failed",
+    Event.RELEASE_FAILED: "failed",
+    Event.IOC_FOUND: "failed",
+    Event.INTERRUPTED: "interrupted",
+}
+# Decisions only an operator takes, never a run on its own.
+OPERATOR_ONLY = frozenset({Event.RECOMPROMISE, Event.RELEASE_HOLD})
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    host: str
+    from_state: HostState
+    to_state: HostState
+
+
+class Ledger:
+    """The repository over the ledger database. Safe to share between threads; one per process."""
+
+    def __init__(self, engine: Engine, clock: Clock = utcnow) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    # -- inventory ---------------------------------------------------------------------------------
+
+    def sync_inventory(self, estate: Estate, the_plan: Plan) -> SyncReport:
+        """Enroll new hosts (compromised), retire removed ones, refresh descriptive fields.
+
+        Hosts are never deleted, and a rename is never guessed: a host that disappeared and a new
+        one with the same site and role are reported as a possible rename, and stay two hosts.
+        """
+        now = self._clock()
+        with self._engine.begin() as db:
+            existing = {
+                row.name: row
+                for row in db.execute(
+                    select(
+                        HOSTS.c.name,
+                        HOSTS.c.site,
+                        HOSTS.c.kind,
+                        HOSTS.c.role,
+                        HOSTS.c.department,
+                        HOSTS.c.wave,
+                        HOSTS.c.restore_method,
+                        HOSTS.c.forensic_hold,
+                        HOSTS.c.retired_at,
+                    )
+                )
+            }
+            wanted = {
+                name: {
+                    "site": host.site,
+                    "kind": host.kind.value,
+                    "role": host.role,
+                    "department": host.department,
+                    "wave": the_plan.hosts[name].wave,
+                    "restore_method": host.restore_method.value,
+                    "forensic_hold": host.forensic_hold,
+                }
+                for name, host in estate.hosts.items()
+            }
+            new = [name for name in wanted if name not in existing]
+            if new:
+                db.execute(
+                    insert(HOSTS),
+                    [
+                        {
+                            "name": name,
+                            **wanted[name],
+                            "state": INITIAL.value,
+                            "clean": False,
+                            "enrolled_at": now,
+                            "updated_at": now,
+                            "fence": 0,
+                        }
+                        for name in new
+                    ],
+                )
+                db.execute(
+                    insert(TRANSITIONS),
+                    [
+                        {
+                            "host": name,
+                            "from_state": None,
+                            "event": Event.ENROLL.value,
+                            "to_state": INITIAL.value,
+                            "run_id": None,
+                            "actor": "inventory",
+                            "at": now,
+                            "detail": "enrolled from the inventory",
+                        }
+                        for name in new
+                    ],
+                )
+            gone = [n for n, row in existing.items() if n not in wanted and row.retired_at is None]
+            if gone:
+                db.execute(update(HOSTS).where(HOSTS.c.name.in_(gone)).values(retired_at=now))
+            back = [n for n in wanted if n in existing and existing[n].retired_at is not None]
+            if back:
+                db.execute(update(HOSTS).where(HOSTS.c.name.in_(back)).values(retired_at=None))
+            changed = []
+            for name, fields in wanted.items():
+                row = existing.get(name)
+                if row is not None and any(getattr(row, k) != v for k, v in fields.items()):
+                    changed.append(name)
+                    db.execute(update(HOSTS).where(HOSTS.c.name == name).values(**fields, updated_at=now))
+        renames = _possible_renames({n: existing[n] for n in gone}, {n: wanted[n] for n in new})
+        return SyncReport(
+            enrolled=tuple(new),
+            retired=tuple(gone),
+            returned=tuple(back),
+            updated=tuple(changed),
+            possible_renames=renames,
+        )
+
+    # -- runs, approvals, evidence -----------------------------------------------------------------
+
+    def start_run(self, mode: str, scope: str, actor: str, external_id: str | None = None) -> str:
+        run_id = uuid.uuid4().hex
+        with self._engine.begin() as db:
+            db.execute(
+                insert(RUNS).values(
+                    id=run_id,
+                    mode=mode,
+                    scope=scope,
+                    actor=actor,
+                    started_at=self._clock(),
+                    external_id=external_id,
+                )
+            )
+        return run_id
+
+    def finish_run(self, run_id: str, outcome: str) -> None:
+        with self._engine.begin() as db:
+            db.execute(
+                update(RUNS).where(RUNS.c.id == run_id).values(ended_at=self._clock(), outcome=outcome)
+            )
+
+    def record_approval(
+        self,
+        run_id: str,
+        scope: str,
+        hosts: Iterable[str],
+        approver: str,
+        shown: str,
+        automatic: bool = False,
+    ) -> int:
+        """Record who approved destructive work on which hosts for one run, and what they saw."""
+        if not approver.strip():
+            raise SafetyViolation("an approval needs the approver's name")
+        names = sorted(set(hosts))
+        with self._engine.begin() as db:
+            approval_id = db.execute(
+                insert(APPROVALS)
+                .values(
+                    run_id=run_id,
+                    scope=scope,
+                    approver=approver.strip(),
+                    approved_at=self._clock(),
+                    shown=shown,
+                    automatic=automatic,
+                )
+                .returning(APPROVALS.c.id)
+            ).scalar_one()
+            if names:
+                db.execute(
+                    insert(APPROVED),
+                    [{"approval_id": approval_id, "host": n, "run_id": run_id} for n in names],
+                )
+        return int(approval_id)
+
+    def add_evidence(
+        self,
+        host: str,
+        sha256: str,
+        location: str,
+        custodian: str,
+        kind: str = "disk-image",
+        run_id: str | None = None,
+    ) -> EvidenceRecord:
+        """Register evidence (by a capture driver or by the forensic team by hand).
+
+        A host still ``compromised`` and not leased moves to ``evidence_captured`` with it: the
+        forensic team's registration is what the run waits for.
+        """
+        digest = sha256.strip().lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise SafetyViolation(f"'{sha256}' is not a SHA-256 digest (64 hexadecimal digits)")
+        if not custodian.strip() or not location.strip():
+            raise SafetyViolation("evidence needs a storage location and a custodian")
+        now = self._clock()
+        with self._engine.begin() as db:
+            row = self._host_row(db, host)
+            values = {
+                "host": host,
+                "kind": kind,
+                "sha256": digest,
+                "location": location,
+                "custodian": custodian,
+                "recorded_at": now,
+                "run_id": run_id,
+            }
+            db.execute(insert(EVIDENCE).values(**values))
+            leased = row.lease_run is not None and row.lease_expires > now
+            if HostState(row.state) is HostState.COMPROMISED and not leased:
+                self._change(
+                    db,
+                    host,
+                    HostState.COMPROMISED,
+                    Event.EVIDENCE_CAPTURED,
+                    run_id=run_id,
+                    actor=custodian,
+                    detail=f"evidence {kind} sha256:{digest} at {location}",
+                    now=now,
+                    guard=_unleased(now),
+                )
+        return EvidenceRecord(host, kind, digest, location, custodian, now, run_id)
+
+    # -- leases ------------------------------------------------------------------------------------
+
+    def acquire(self, host: str, run_id: str, seconds: float) -> Lease:
+        """Take the host's lease for ``run_id``; raises ``LeaseHeld`` if another live run has it.
+
+        An expired lease is taken over. If its run left a stage running, the lease says so.
+        """
+        now = self._clock()
+        expires = now + dt.timedelta(seconds=seconds)
+        with self._engine.begin() as db:
+            result = db.execute(
+                update(HOSTS)
+                .where(
+                    HOSTS.c.name == host,
+                    HOSTS.c.retired_at.is_(None),
+                    or_(
+                        HOSTS.c.lease_run.is_(None),
+                        HOSTS.c.lease_expires <= now,
+                        HOSTS.c.lease_run == run_id,
+                    ),
+                )
+                .values(
+                    fence=HOSTS.c.fence + 1,
+                    lease_token=HOSTS.c.fence + 1,
+                    lease_run=run_id,
+                    lease_expires=expires,
+                )
+                .returning(HOSTS.c.lease_token, HOSTS.c.state)
+            ).first()
+            if result is None:
+                row = self._host_row(db, host)
+                if row.retired_at is not None:
+                    raise UnknownHost(f"host {host} is retired (no longer in the inventory)")
+                raise LeaseHeld(f"host {host} is held by run {row.lease_run} until {_iso(row.lease_expires)}")
+            state = HostState(result.state)
+            interrupted = None
+            if state in STAGE_OF_STATE:
+                open_attempt = db.execute(
+                    select(ATTEMPTS.c.run_id).where(
+                        ATTEMPTS.c.host == host,
+                        ATTEMPTS.c.stage == STAGE_OF_STATE[state],
+                        ATTEMPTS.c.ended_at.is_(None),
+                    )
+                ).first()
+                if open_attempt is None or open_attempt.run_id != run_id:
+                    interrupted = STAGE_OF_STATE[state]
+        return Lease(host, run_id, int(result.lease_token), expires, state, interrupted)
+
+    def renew(self, lease: Lease, seconds: float) -> Lease:
+        now = self._clock()
+        expires = now + dt.timedelta(seconds=seconds)
+        with self._engine.begin() as db:
+            done = db.execute(update(HOSTS).where(_holds(lease, now)).values(lease_expires=expires)).rowcount
+            if done != 1:
+                raise self._lost(db, lease)
+        return Lease(lease.host, lease.run_id, lease.token, expires, lease.state, lease.interrupted_stage)
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease back. Harmless if it was already lost."""
+        with self._engine.begin() as db:
+            db.execute(
+                update(HOSTS)
+                .where(
+                    HOSTS.c.name == lease.host,
+                    HOSTS.c.lease_run == lease.run_id,
+                    HOSTS.c.lease_token == lease.token,
+                )
+                .values(lease_run=None, lease_token=None, lease_expires=None)
+            )
+
+    # -- state changes -----------------------------------------------------------------------------
+
+    def apply(
+        self,
+        lease: Lease,
+        event: Event,
+        *,
+        actor: str,
+        detail: str | None = None,
+        error: str | None = None,
+    ) -> HostState:
+        """A run's event on a host it holds. Returns the new state."""
+        if event in OPERATOR_ONLY:
+            raise SafetyViolation(f"'{event.value}' is an operator's decision, not a run's")
+        now = self._clock()
+        with self._engine.begin() as db:
+            row = self._host_row(db, lease.host)
+            if not (
+                row.lease_run == lease.run_id
+                and row.lease_token == lease.token
+                and row.lease_expires is not None
+                and row.lease_expires > now
+            ):
+                raise self._lost(db, lease)
+            change = self._change(
+                db,
+                lease.host,
+                HostState(row.state),
+                event,
+                run_id=lease.run_id,
+                actor=actor,
+                detail=detail,
+                error=error,
+                now=now,
+                guard=_holds(lease, now),
+                host_row=row,
+            )
+        return change.to_state
+
+    def operator_event(self, host: str, event: Event, *, actor: str, reason: str | None) -> HostState:
+        """An operator's decision (retry, skip, hold, release_hold, recompromise) on a host no run holds."""
+        if not actor.strip():
+            raise SafetyViolation("an operator's event must name the operator")
+        if event in NEEDS_REASON and not (reason and reason.strip()):
+            raise SafetyViolation(f"'{event.value}' needs a reason")
+        now = self._clock()
+        with self._engine.begin() as db:
+            row = self._host_row(db, host)
+            if row.lease_run is not None and row.lease_expires > now:
+                raise LeaseHeld(
+                    f"host {host} is held by run {row.lease_run} until {_iso(row.lease_expires)}; "
+                    "stop that run or wait for its lease to expire"
+                )
+            change = self._change(
+                db,
+                host,
+                HostState(row.state),
+                event,
+                run_id=None,
+                actor=actor.strip(),
+                detail=reason,
+                now=now,
+                guard=_unleased(now),
+                host_row=row,
+            )
+        return change.to_state
+
+    def _change(
+        self,
+        db: Connection,
+        host: str,
+        state: HostState,
+        event: Event,
+        *,
+        run_id: str | None,
+        actor: str,
+        detail: str | None,
+        now: dt.datetime,
+        guard: Any,
+        error: str | None = None,
+        host_row: Any = None,
+    ) -> _Change:
+        target = advance(state, event)
+        row = host_row if host_row is not None else self._host_row(db, host)
+        self._check_rules(db, row, event, run_id)
+        values: dict[str, Any] = {"state": target.value, "updated_at": now}
+        if target is HostState.VERIFIED_CLEAN:
+            values["clean"] = True
+        elif event is Event.RECOMPROMISE:
+            values["clean"] = False
+        done = db.execute(
+            update(HOSTS).where(HOSTS.c.name == host, HOSTS.c.state == state.value, guard).values(**values)
+        ).rowcount
+        if done != 1:
+            raise LeaseLost(
+                f"host {host} changed under this writer (expected state {state.value}); nothing recorded"
+            )
+        db.execute(
+            insert(TRANSITIONS).values(
+                host=host,
+                from_state=state.value,
+                event=event.value,
+                to_state=target.value,
+                run_id=run_id,
+                actor=actor,
+                at=now,
+                detail=detail if error is None else f"{detail + ': ' if detail else ''}{error}",
+            )
+        )
+        if event in STARTS:
+            stage = STARTS[event]
+            number = db.execute(
+                select(func.coalesce(func.max(ATTEMPTS.c.number), 0)).where(
+                    ATTEMPTS.c.host == host, ATTEMPTS.c.stage == stage
+                )
+            ).scalar_one()
+            db.execute(
+                insert(ATTEMPTS).values(
+                    host=host,
+                    stage=stage,
+                    number=int(number) + 1,
+                    run_id=run_id,
+                    started_at=now,
+                    outcome="running",
+                )
+            )
+        elif event in OUTCOMES and state in STAGE_OF_STATE:
+            db.execute(
+                update(ATTEMPTS)
+                .where(
+                    ATTEMPTS.c.host == host,
+                    ATTEMPTS.c.stage == STAGE_OF_STATE[state],
+                    ATTEMPTS.c.ended_at.is_(None),
+                )
+                .values(ended_at=now, outcome=OUTCOMES[event], error=error)
+            )
+        return _Change(host, state, target)
+
+    def _check_rules(self, db: Connection, row: Any, event: Event, run_id: str | None) -> None:
+        host = row.name
+        if event is Event.START_WIPE:
+            if row.clean or HostState(row.state) in CLEAN:
+                raise SafetyViolation(
+                    f"host {host} was verified clean: it is never wiped again unless an operator "
+                    "sends 'recompromise' with a reason"
+                )
+            if row.forensic_hold and not self._has_evidence(db, host):
+                raise SafetyViolation(
+                    f"host {host} is under forensic hold and has no evidence record: capture or "
+                    "register evidence before wiping"
+                )
+        if event is Event.EVIDENCE_CAPTURED and not self._has_evidence(db, host):
+            raise SafetyViolation(f"host {host}: 'evidence_captured' needs an evidence record")
+        if event in DESTRUCTIVE:
+            approved = (
+                run_id is not None
+                and db.execute(
+                    select(APPROVED.c.approval_id).where(APPROVED.c.run_id == run_id, APPROVED.c.host == host)
+                ).first()
+                is not None
+            )
+            if not approved:
+                raise SafetyViolation(
+                    f"'{event.value}' on {host} needs an approval recorded for run {run_id} "
+                    "that covers this host"
+                )
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def host(self, name: str) -> HostRecord:
+        with self._engine.connect() as db:
+            return _host_record(self._host_row(db, name))
+
+    def hosts(self, include_retired: bool = False) -> list[HostRecord]:
+        query = select(HOSTS).order_by(HOSTS.c.name)
+        if not include_retired:
+            query = query.where(HOSTS.c.retired_at.is_(None))
+        with self._engine.connect() as db:
+            return [_host_record(row) for row in db.execute(query)]
+
+    def states(self, names: Iterable[str] | None = None) -> dict[str, HostState]:
+        query = select(HOSTS.c.name, HOSTS.c.state)
+        if names is not None:
+            query = query.where(HOSTS.c.name.in_(list(names)))
+        with self._engine.connect() as db:
+            return {row.name: HostState(row.state) for row in db.execute(query)}
+
+    def history(self, name: str) -> History:
+        with self._engine.connect() as db:
+            host = _host_record(self._host_row(db, name))
+            transitions = tuple(
+                TransitionRecord(
+                    id=r.id,
+                    host=r.host,
+                    from_state=HostState(r.from_state) if r.from_state else None,
+                    event=r.event,
+                    to_state=HostState(r.to_state),
+                    run_id=r.run_id,
+                    actor=r.actor,
+                    at=r.at,
+                    detail=r.detail,
+                )
+                for r in db.execute(
+                    select(TRANSITIONS).where(TRANSITIONS.c.host == name).order_by(TRANSITIONS.c.id)
+                )
+            )
+            attempts = tuple(
+                AttemptRecord(
+                    r.host, r.stage, r.number, r.run_id, r.started_at, r.ended_at, r.outcome, r.error
+                )
+                for r in db.execute(select(ATTEMPTS).where(ATTEMPTS.c.host == name).order_by(ATTEMPTS.c.id))
+            )
+            evidence = tuple(
+                EvidenceRecord(r.host, r.kind, r.sha256, r.location, r.custodian, r.recorded_at, r.run_id)
+                for r in db.execute(select(EVIDENCE).where(EVIDENCE.c.host == name).order_by(EVIDENCE.c.id))
+            )
+            approvals = tuple(
+                ApprovalRecord(r.id, r.run_id, r.scope, r.approver, r.approved_at, r.shown, r.automatic)
+                for r in db.execute(
+                    select(APPROVALS)
+                    .join(APPROVED, APPROVED.c.approval_id == APPROVALS.c.id)
+                    .where(APPROVED.c.host == name)
+                    .order_by(APPROVALS.c.id)
+                )
+            )
+        return History(host, transitions, attempts, evidence, approvals)
+
+    def interrupted(self) -> list[tuple[str, str]]:
+        """(host, stage) of hosts left mid-stage with no live lease: resume must resolve them."""
+        now = self._clock()
+        query = (
+            select(HOSTS.c.name, ATTEMPTS.c.stage)
+            .join(ATTEMPTS, and_(ATTEMPTS.c.host == HOSTS.c.name, ATTEMPTS.c.ended_at.is_(None)))
+            .where(
+                HOSTS.c.state.in_([s.value for s in STAGE_OF_STATE]),
+                or_(HOSTS.c.lease_run.is_(None), HOSTS.c.lease_expires <= now),
+            )
+            .order_by(HOSTS.c.name)
+        )
+        with self._engine.connect() as db:
+            return [(row.name, row.stage) for row in db.execute(query)]
+
+    def transition_count(self) -> int:
+        with self._engine.connect() as db:
+            return int(db.execute(select(func.count()).select_from(TRANSITIONS)).scalar_one())
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _host_row(db: Connection, name: str) -> Any:
+        row = db.execute(select(HOSTS).where(HOSTS.c.name == name)).first()
+        if row is None:
+            raise UnknownHost(f"no host named {name!r} in the ledger (is it in the inventory?)")
+        return row
+
+    @staticmethod
+    def _has_evidence(db: Connection, host: str) -> bool:
+        return db.execute(select(EVIDENCE.c.id).where(EVIDENCE.c.host == host).limit(1)).first() is not None
+
+    def _lost(self, db: Connection, lease: Lease) -> LeaseLost:
+        row = self._host_row(db, lease.host)
+        if row.lease_run != lease.run_id or row.lease_token != lease.token:
+            holder = row.lease_run or "nobody"
+            return LeaseLost(
+                f"run {lease.run_id} lost its lease on {lease.host} (token {lease.token}; now held "
+                f"by {holder} with token {row.lease_token}): nothing recorded"
+            )
+        return LeaseLost(
+            f"run {lease.run_id}'s lease on {lease.host} expired at {_iso(row.lease_expires)}: "
+            "nothing recorded"
+        )
+
+
+def _holds(lease: Lease, now: dt.datetime) -> Any:
+    return and_(
+        HOSTS.c.name == lease.host,
+        HOSTS.c.lease_run == lease.run_id,
+        HOSTS.c.lease_token == lease.token,
+        HOSTS.c.lease_expires > now,
+    )
+
+
+def _unleased(now: dt.datetime) -> Any:
+    return or_(HOSTS.c.lease_run.is_(None), HOSTS.c.lease_expires <= now)
+
+
+def _host_record(row: Any) -> HostRecord:
+    return HostRecord(
+        name=row.name,
+        site=row.site,
+        kind=row.kind,
+        role=row.role,
+        department=row.department,
+        wave=row.wave,
+        restore_method=row.restore_method,
+        forensic_hold=row.forensic_hold,
+        state=HostState(row.state),
+        clean=row.clean,
+        retired=row.retired_at is not None,
+        lease_run=row.lease_run,
+        lease_expires=row.lease_expires,
+    )
+
+
+def _possible_renames(
+    gone: Mapping[str, Any], new: Mapping[str, Mapping[str, Any]]
+) -> tuple[tuple[str, str], ...]:
+    """Pairs (old, new) that share site, role and kind and are the only such pair."""
+
+    def key(site: str, role: str, kind: str) -> tuple[str, str, str]:
+        return (site, role, kind)
+
+    gone_by = Counter(key(r.site, r.role, r.kind) for r in gone.values())
+    new_by = Counter(key(f["site"], f["role"], f["kind"]) for f in new.values())
+    pairs = []
+    for old_name, row in gone.items():
+        k = key(row.site, row.role, row.kind)
+        if gone_by[k] == 1 and new_by[k] == 1:
+            new_name = next(n for n, f in new.items() if key(f["site"], f["role"], f["kind"]) == k)
+            pairs.append((old_name, new_name))
+    return tuple(sorted(pairs))
+
+
+def _iso(value: dt.datetime | None) -> str:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else "-"

@@ -1,0 +1,136 @@
+"""Progress of the estate from the ledger's host records: pure arithmetic, no I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from restore_flows.ledger.records import History, HostRecord
+from restore_flows.states import FAILED, FINAL, HostState
+
+DIMENSIONS = ("wave", "site", "department", "kind")
+
+
+def bucket(state: HostState) -> str:
+    """The coarse progress bucket managers read: online, in progress, failed, waiting."""
+    if state is FINAL:
+        return "online"
+    if state in FAILED or state in (HostState.QUARANTINED, HostState.ON_HOLD):
+        return "failed"
+    return "waiting" if state is HostState.COMPROMISED else "in_progress"
+
+
+def _group(hosts: Iterable[HostRecord], dimension: str, order: Sequence[str] = ()) -> dict[str, Any]:
+    states: dict[str, Counter[str]] = {}
+    for host in hosts:
+        states.setdefault(getattr(host, dimension), Counter())[host.state.value] += 1
+    keys = [k for k in order if k in states] + sorted(k for k in states if k not in order)
+    out: dict[str, Any] = {}
+    for key in keys:
+        counts = states[key]
+        total = sum(counts.values())
+        online = counts.get(FINAL.value, 0)
+        out[key] = {
+            "total": total,
+            "online": online,
+            "percent": round(100.0 * online / total, 1) if total else 0.0,
+            "states": dict(sorted(counts.items())),
+        }
+    return out
+
+
+def status_report(hosts: Sequence[HostRecord], wave_order: Sequence[str]) -> dict[str, Any]:
+    """``restore status --json``: every host's state, and counts per wave, site, department, kind."""
+    total = len(hosts)
+    online = sum(1 for h in hosts if h.state is FINAL)
+    return {
+        "estate": {
+            "total": total,
+            "online": online,
+            "percent": round(100.0 * online / total, 1) if total else 0.0,
+            "buckets": dict(sorted(Counter(bucket(h.state) for h in hosts).items())),
+        },
+        "hosts": {
+            h.name: {
+                "state": h.state.value,
+                "wave": h.wave,
+                "site": h.site,
+                "department": h.department,
+                "kind": h.kind,
+                "role": h.role,
+            }
+            for h in hosts
+        },
+        "waves": _group(hosts, "wave", wave_order),
+        "sites": _group(hosts, "site"),
+        "departments": _group(hosts, "department"),
+        "kinds": _group(hosts, "kind"),
+    }
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def history_report(history: History) -> dict[str, Any]:
+    """``restore history HOST --json``."""
+    host = history.host
+    return {
+        "host": host.name,
+        "state": host.state.value,
+        "wave": host.wave,
+        "site": host.site,
+        "kind": host.kind,
+        "role": host.role,
+        "forensic_hold": host.forensic_hold,
+        "retired": host.retired,
+        "lease": {"run": host.lease_run, "expires": iso(host.lease_expires)} if host.lease_run else None,
+        "transitions": [
+            {
+                "from": t.from_state.value if t.from_state else None,
+                "event": t.event,
+                "to": t.to_state.value,
+                "run": t.run_id,
+                "actor": t.actor,
+                "at": iso(t.at),
+                "detail": t.detail,
+            }
+            for t in history.transitions
+        ],
+        "attempts": [
+            {
+                "stage": a.stage,
+                "number": a.number,
+                "run": a.run_id,
+                "started": iso(a.started_at),
+                "ended": iso(a.ended_at),
+                "outcome": a.outcome,
+                "error": a.error,
+            }
+            for a in history.attempts
+        ],
+        "evidence": [
+            {
+                "kind": e.kind,
+                "sha256": e.sha256,
+                "location": e.location,
+                "custodian": e.custodian,
+                "at": iso(e.recorded_at),
+                "run": e.run_id,
+            }
+            for e in history.evidence
+        ],
+        "approvals": [
+            {
+                "run": a.run_id,
+                "scope": a.scope,
+                "approver": a.approver,
+                "at": iso(a.approved_at),
+                "automatic": a.automatic,
+                "shown": a.shown,
+            }
+            for a in history.approvals
+        ],
+    }

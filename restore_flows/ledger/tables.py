@@ -1,0 +1,173 @@
+"""The ledger's tables (SQLAlchemy 2, typed). Rows never leave the ledger package: the repository
+returns plain records.
+
+Leases live on the host row itself so that taking one is a single conditional UPDATE, atomic on
+SQLite and PostgreSQL alike, and every later write can check the fencing token in the same statement.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Constraint names are fixed so that migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC in and out. SQLite keeps no zone, so naive values read back are UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger: use timezone-aware UTC")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class HostRow(Base):
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    site: Mapped[str] = mapped_column(String(253))
+    kind: Mapped[str] = mapped_column(String(32))
+    role: Mapped[str] = mapped_column(String(253))
+    department: Mapped[str] = mapped_column(String(253))
+    wave: Mapped[str] = mapped_column(String(253))
+    restore_method: Mapped[str] = mapped_column(String(32))
+    forensic_hold: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(32))
+    # Set when the host reaches verified_clean; cleared only by an operator's recompromise.
+    clean: Mapped[bool] = mapped_column(Boolean, default=False)
+    retired_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    enrolled_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    # Lease: which run may act on the host, until when, and the fencing token it must present.
+    fence: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_run: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_token: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+    __table_args__ = (Index(None, "wave"), Index(None, "state"))
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(253))
+    actor: Mapped[str] = mapped_column(String(253))
+    started_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class TransitionRow(Base):
+    """Append-only: never updated or deleted (database triggers refuse it too)."""
+
+    __tablename__ = "transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name"))
+    from_state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    event: Mapped[str] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    actor: Mapped[str] = mapped_column(String(253))
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (Index(None, "host", "id"),)
+
+
+class AttemptRow(Base):
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name"))
+    stage: Mapped[str] = mapped_column(String(32))
+    number: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    started_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (UniqueConstraint("host", "stage", "number"),)
+
+
+class EvidenceRow(Base):
+    __tablename__ = "evidence"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name"))
+    kind: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    location: Mapped[str] = mapped_column(Text)
+    custodian: Mapped[str] = mapped_column(String(253))
+    recorded_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+
+    __table_args__ = (Index(None, "host"),)
+
+
+class ApprovalRow(Base):
+    __tablename__ = "approvals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    scope: Mapped[str] = mapped_column(String(253))
+    approver: Mapped[str] = mapped_column(String(253))
+    approved_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    shown: Mapped[str] = mapped_column(Text)
+    automatic: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (Index(None, "run_id"),)
+
+
+class ApprovedHostRow(Base):
+    """Which hosts an approval covers: a destructive event checks for its own row here."""
+
+    __tablename__ = "approved_hosts"
+
+    approval_id: Mapped[int] = mapped_column(ForeignKey("approvals.id"), primary_key=True)
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name"), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+
+    __table_args__ = (Index(None, "run_id", "host"),)

@@ -1,0 +1,38 @@
+"""One settings object, read from the environment (prefix ``RESTORE_``) once and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESTORE_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="Local data directory: the embedded SQLite ledger lives here.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the ledger database. Default: SQLite file 'ledger.sqlite3' in "
+            "data_dir. Production: postgresql+psycopg://user@host/dbname (never Prefect's database)."
+        ),
+    )
+    inventory_dir: Path = Field(default=Path("inventory"), description="Inventory directory.")
+    lease_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a run holds a host without renewing; after that another run may take over.",
+    )
+    sqlite_busy_timeout_ms: int = Field(
+        default=30_000, ge=0, description="How long a SQLite writer waits for the lock."
+    )
+
+    def ledger_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'ledger.sqlite3'}"

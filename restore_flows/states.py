@@ -1,0 +1,278 @@
+"""Host states and the one table of transitions between them.
+
+Callers never assign a state: they send an event, and :func:`advance` looks the pair up in
+``TRANSITIONS``. Anything not in the table raises :class:`IllegalTransition`. The ledger applies the
+result; its safety rules (evidence, approvals, never re-wiping a clean host) sit on top of this table.
+
+``docs/state-machine.md`` is rendered from this module (``python -m restore_flows.states``); a test
+keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import itertools
+from enum import StrEnum
+
+from restore_flows.errors import LedgerError
+
+
+class HostState(StrEnum):
+    COMPROMISED = "compromised"
+    """Every enrolled host starts here: assume it is encrypted and untrusted."""
+    CAPTURING_EVIDENCE = "capturing_evidence"
+    """A forensic image or memory dump is being taken before anything is changed."""
+    EVIDENCE_CAPTURED = "evidence_captured"
+    """Evidence is recorded (hash, location, custodian); the disk may now be wiped."""
+    EVIDENCE_FAILED = "evidence_failed"
+    WIPING = "wiping"
+    """The disk is being erased."""
+    WIPED = "wiped"
+    """Erased; nothing of the encrypted system is left."""
+    WIPE_FAILED = "wipe_failed"
+    REIMAGING = "reimaging"
+    """Installing the golden image (physical servers, workstations)."""
+    RESTORING = "restoring"
+    """Restoring a VM server from its last clean backup."""
+    REIMAGED = "reimaged"
+    """Rebuilt, by reimage or by backup restore; not yet trusted."""
+    REIMAGE_FAILED = "reimage_failed"
+    RESTORE_FAILED = "restore_failed"
+    VERIFYING = "verifying"
+    """Checks run: image id, services, EDR agent, IOC scan."""
+    VERIFIED_CLEAN = "verified_clean"
+    """Every check passed; still in the quarantine VLAN."""
+    VERIFY_FAILED = "verify_failed"
+    RELEASING = "releasing"
+    """Moving from the quarantine VLAN to production."""
+    RELEASE_FAILED = "release_failed"
+    ONLINE = "online"
+    """Back in service. The goal state."""
+    QUARANTINED = "quarantined"
+    """An indicator of compromise was found after rebuilding: isolated until an operator decides."""
+    ON_HOLD = "on_hold"
+    """Set aside by an operator (skipped or held); nothing is done to it until released."""
+
+
+class Event(StrEnum):
+    CAPTURE_EVIDENCE = "capture_evidence"
+    EVIDENCE_CAPTURED = "evidence_captured"
+    EVIDENCE_FAILED = "evidence_failed"
+    START_WIPE = "start_wipe"
+    WIPE_DONE = "wipe_done"
+    WIPE_FAILED = "wipe_failed"
+    START_REIMAGE = "start_reimage"
+    REIMAGE_DONE = "reimage_done"
+    REIMAGE_FAILED = "reimage_failed"
+    START_RESTORE = "start_restore"
+    RESTORE_DONE = "restore_done"
+    RESTORE_FAILED = "restore_failed"
+    START_VERIFY = "start_verify"
+    VERIFY_PASSED = "verify_passed"
+    VERIFY_FAILED = "verify_failed"
+    IOC_FOUND = "ioc_found"
+    START_RELEASE = "start_release"
+    RELEASE_DONE = "release_done"
+    RELEASE_FAILED = "release_failed"
+    INTERRUPTED = "interrupted"
+    RETRY = "retry"
+    SKIP = "skip"
+    HOLD = "hold"
+    RELEASE_HOLD = "release_hold"
+    RECOMPROMISE = "recompromise"
+    ENROLL = "enroll"
+    """Not in the table: the first log entry of a host, from no state to the initial state."""
+
+
+S = HostState
+E = Event
+
+# (state, event) -> next state. One line per transition, with why it exists.
+TRANSITIONS: dict[tuple[HostState, Event], HostState] = {
+    # Forensics first: evidence is taken by a driver, or registered by hand by the forensic team.
+    (S.COMPROMISED, E.CAPTURE_EVIDENCE): S.CAPTURING_EVIDENCE,  # driver capture starts
+    (S.CAPTURING_EVIDENCE, E.EVIDENCE_CAPTURED): S.EVIDENCE_CAPTURED,  # capture recorded
+    (S.CAPTURING_EVIDENCE, E.EVIDENCE_FAILED): S.EVIDENCE_FAILED,  # capture failed: operator decides
+    (S.COMPROMISED, E.EVIDENCE_CAPTURED): S.EVIDENCE_CAPTURED,  # evidence taken by hand, registered
+    # Wiping: destructive, needs approval; forensic hold needs evidence (ledger rules).
+    (S.COMPROMISED, E.START_WIPE): S.WIPING,  # no forensic hold: wipe straight away
+    (S.EVIDENCE_CAPTURED, E.START_WIPE): S.WIPING,  # evidence is safe: wipe
+    (S.WIPING, E.WIPE_DONE): S.WIPED,
+    (S.WIPING, E.WIPE_FAILED): S.WIPE_FAILED,
+    # Rebuilding: golden image for physical hosts and workstations, backup for VM servers.
+    (S.WIPED, E.START_REIMAGE): S.REIMAGING,
+    (S.REIMAGING, E.REIMAGE_DONE): S.REIMAGED,
+    (S.REIMAGING, E.REIMAGE_FAILED): S.REIMAGE_FAILED,
+    (S.WIPED, E.START_RESTORE): S.RESTORING,
+    (S.RESTORING, E.RESTORE_DONE): S.REIMAGED,
+    (S.RESTORING, E.RESTORE_FAILED): S.RESTORE_FAILED,
+    # Verification: only a host that passes every check is clean; an IOC isolates it.
+    (S.REIMAGED, E.START_VERIFY): S.VERIFYING,
+    (S.VERIFYING, E.VERIFY_PASSED): S.VERIFIED_CLEAN,
+    (S.VERIFYING, E.VERIFY_FAILED): S.VERIFY_FAILED,
+    (S.VERIFYING, E.IOC_FOUND): S.QUARANTINED,
+    # Release from the quarantine VLAN to production.
+    (S.VERIFIED_CLEAN, E.START_RELEASE): S.RELEASING,
+    (S.RELEASING, E.RELEASE_DONE): S.ONLINE,
+    (S.RELEASING, E.RELEASE_FAILED): S.RELEASE_FAILED,
+    # A stage that started and never finished (crash): resume found no proof it finished, so the
+    # host waits for an operator in the stage's failed state instead of repeating the stage blindly.
+    (S.CAPTURING_EVIDENCE, E.INTERRUPTED): S.EVIDENCE_FAILED,
+    (S.WIPING, E.INTERRUPTED): S.WIPE_FAILED,
+    (S.REIMAGING, E.INTERRUPTED): S.REIMAGE_FAILED,
+    (S.RESTORING, E.INTERRUPTED): S.RESTORE_FAILED,
+    (S.VERIFYING, E.INTERRUPTED): S.VERIFY_FAILED,
+    (S.RELEASING, E.INTERRUPTED): S.RELEASE_FAILED,
+    # Operator decisions on a failed stage: retry it from where it can start again...
+    (S.EVIDENCE_FAILED, E.RETRY): S.COMPROMISED,
+    (S.WIPE_FAILED, E.RETRY): S.COMPROMISED,  # a half-wiped disk is still untrusted
+    (S.REIMAGE_FAILED, E.RETRY): S.WIPED,
+    (S.RESTORE_FAILED, E.RETRY): S.WIPED,
+    (S.VERIFY_FAILED, E.RETRY): S.REIMAGED,
+    (S.RELEASE_FAILED, E.RETRY): S.VERIFIED_CLEAN,
+    # ...or skip the host for now.
+    (S.EVIDENCE_FAILED, E.SKIP): S.ON_HOLD,
+    (S.WIPE_FAILED, E.SKIP): S.ON_HOLD,
+    (S.REIMAGE_FAILED, E.SKIP): S.ON_HOLD,
+    (S.RESTORE_FAILED, E.SKIP): S.ON_HOLD,
+    (S.VERIFY_FAILED, E.SKIP): S.ON_HOLD,
+    (S.RELEASE_FAILED, E.SKIP): S.ON_HOLD,
+    # An explicit hold, from any state where no stage is running and the host is not yet clean.
+    (S.COMPROMISED, E.HOLD): S.ON_HOLD,
+    (S.EVIDENCE_CAPTURED, E.HOLD): S.ON_HOLD,
+    (S.WIPED, E.HOLD): S.ON_HOLD,
+    (S.REIMAGED, E.HOLD): S.ON_HOLD,
+    (S.QUARANTINED, E.HOLD): S.ON_HOLD,
+    # Released from hold, a host starts over: what happened to it meanwhile is unknown.
+    (S.ON_HOLD, E.RELEASE_HOLD): S.COMPROMISED,
+    # The only way back to wiping for a host that was clean: an operator says it is compromised
+    # again, with a reason (ledger rule). Also how a quarantined host is sent round again.
+    (S.VERIFIED_CLEAN, E.RECOMPROMISE): S.COMPROMISED,
+    (S.ONLINE, E.RECOMPROMISE): S.COMPROMISED,
+    (S.QUARANTINED, E.RECOMPROMISE): S.COMPROMISED,
+    (S.VERIFY_FAILED, E.RECOMPROMISE): S.COMPROMISED,
+    (S.RELEASE_FAILED, E.RECOMPROMISE): S.COMPROMISED,
+}
+
+INITIAL = S.COMPROMISED
+FINAL = S.ONLINE
+
+# Stages that are running: a crash leaves a host in one of these, which resume must resolve.
+STAGE_OF_STATE: dict[HostState, str] = {
+    S.CAPTURING_EVIDENCE: "evidence",
+    S.WIPING: "wipe",
+    S.REIMAGING: "reimage",
+    S.RESTORING: "restore",
+    S.VERIFYING: "verify",
+    S.RELEASING: "release",
+}
+IN_PROGRESS = frozenset(STAGE_OF_STATE)
+FAILED = frozenset(s for s in HostState if s.value.endswith("_failed"))
+# Events that change a disk for good: they need an approval recorded for the run.
+DESTRUCTIVE = frozenset({E.START_WIPE, E.START_REIMAGE, E.START_RESTORE})
+# Events an operator sends, not a run: they need an actor and, for some, a reason.
+OPERATOR_EVENTS = frozenset({E.RETRY, E.SKIP, E.HOLD, E.RELEASE_HOLD, E.RECOMPROMISE})
+NEEDS_REASON = frozenset({E.RECOMPROMISE, E.HOLD, E.SKIP})
+# States after which the host must never be wiped again without a recompromise event.
+CLEAN = frozenset({S.VERIFIED_CLEAN, S.RELEASING, S.RELEASE_FAILED, S.ONLINE})
+
+
+class IllegalTransition(LedgerError, ValueError):
+    def __init__(self, state: HostState, event: Event) -> None:
+        allowed = sorted(e.value for (s, e) in TRANSITIONS if s is state)
+        super().__init__(
+            f"event '{event.value}' is not allowed in state '{state.value}'"
+            + (f" (allowed: {', '.join(allowed)})" if allowed else " (no event is allowed)")
+        )
+        self.state = state
+        self.event = event
+
+
+def advance(state: HostState, event: Event) -> HostState:
+    """The state after ``event``; raises ``IllegalTransition`` if the table has no such move."""
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(state, event) from None
+
+
+def render_markdown() -> str:
+    """The state machine as a Markdown document (docs/state-machine.md)."""
+    lines = [
+        "# Host state machine",
+        "",
+        "Generated from `restore_flows/states.py` by `python -m restore_flows.states`; do not edit",
+        "by hand (a test fails when the two differ).",
+        "",
+        f"Initial state: `{INITIAL.value}`. Final state: `{FINAL.value}`.",
+        "",
+        "## States",
+        "",
+        "| state | meaning |",
+        "| --- | --- |",
+    ]
+    for state in HostState:
+        doc = " ".join((_doc_of(state) or "").split())
+        lines.append(f"| `{state.value}` | {doc} |")
+    lines += [
+        "",
+        "## Transitions",
+        "",
+        "| from | event | to |",
+        "| --- | --- | --- |",
+    ]
+    for (state, event), target in TRANSITIONS.items():
+        lines.append(f"| `{state.value}` | `{event.value}` | `{target.value}` |")
+    lines += [
+        "",
+        "## Rules the ledger adds",
+        "",
+        "- Events that need an approval recorded for the run: "
+        + ", ".join(f"`{e.value}`" for e in sorted(DESTRUCTIVE)),
+        "- A host under forensic hold cannot `start_wipe` without an evidence record.",
+        "- A host that was ever verified clean cannot `start_wipe` again until an operator sends "
+        "`recompromise` with a reason.",
+        "- Operator events ("
+        + ", ".join(f"`{e.value}`" for e in sorted(OPERATOR_EVENTS))
+        + ") record who sent them; "
+        + ", ".join(f"`{e.value}`" for e in sorted(NEEDS_REASON))
+        + " need a reason.",
+        "",
+        "```mermaid",
+        "stateDiagram-v2",
+        f"    [*] --> {INITIAL.value}",
+    ]
+    for (state, event), target in TRANSITIONS.items():
+        lines.append(f"    {state.value} --> {target.value}: {event.value}")
+    lines += [f"    {FINAL.value} --> [*]", "```", ""]
+    return "\n".join(lines)
+
+
+def _doc_of(state: HostState) -> str | None:
+    return _state_docs().get(state)
+
+
+@functools.cache
+def _state_docs() -> dict[HostState, str]:
+    """Member docstrings, read from this module's source (enums keep no per-member docstring)."""
+    tree = ast.parse(inspect.getsource(HostState))
+    docs: dict[HostState, str] = {}
+    body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
+    for current, following in itertools.pairwise(body):
+        if (
+            isinstance(current, ast.Assign)
+            and isinstance(current.targets[0], ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[HostState[current.targets[0].id]] = following.value.value
+    for state in FAILED:
+        docs.setdefault(state, "The stage failed: an operator decides to `retry` or `skip`.")
+    return docs
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")

@@ -1,0 +1,101 @@
+"""The ledger commands as an operator runs them: db upgrade, status, history, evidence add, decide."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from restore_flows.cli import app
+
+INVENTORY = str(Path(__file__).resolve().parents[2] / "inventory")
+DIGEST = "ab" * 32
+
+
+@pytest.fixture
+def restore(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
+    monkeypatch.setenv("RESTORE_DATABASE_URL", ledger_url)
+    monkeypatch.setenv("RESTORE_INVENTORY", INVENTORY)
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+def _run(runner: CliRunner, *args: str) -> Result:
+    return runner.invoke(app, list(args))
+
+
+def test_commands_refuse_an_unmigrated_database(restore: CliRunner) -> None:
+    result = _run(restore, "status")
+    assert result.exit_code == 2
+    assert "not set up: run 'restore db upgrade'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_status_history_evidence_decide(restore: CliRunner) -> None:
+    result = _run(restore, "db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert "-> 0001" in result.stdout
+
+    result = _run(restore, "status", "--json")
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["estate"]["total"] == 1700
+    assert status["hosts"]["dc-arl-01"]["state"] == "compromised"
+    assert status["hosts"]["dc-arl-01"]["wave"] == "core"
+    assert list(status["waves"])[:4] == ["core", "icu", "lab", "radiology"]
+    assert status["waves"]["icu"]["total"] == sum(1 for h in status["hosts"].values() if h["wave"] == "icu")
+    assert status["waves"]["icu"]["percent"] == 0.0
+    assert "enrolled 1700 new host(s)" in result.stderr
+
+    result = _run(restore, "status")
+    assert result.exit_code == 0
+    assert "0.0% online: 0 of 1,700 hosts" in result.stdout
+
+    result = _run(
+        restore,
+        "evidence",
+        "add",
+        "dc-arl-01",
+        "--sha256",
+        DIGEST,
+        "--location",
+        "locker 3",
+        "--custodian",
+        "Insp. Meyer",
+    )
+    assert result.exit_code == 0, result.output
+    assert "(now evidence_captured)" in result.stdout
+
+    result = _run(restore, "decide", "hold", "dc-arl-01", "--actor", "ops")
+    assert result.exit_code == 1
+    assert "needs a reason" in result.stderr
+
+    result = _run(restore, "decide", "hold", "dc-arl-01", "--actor", "ops", "--reason", "police")
+    assert result.exit_code == 0, result.output
+
+    result = _run(restore, "decide", "start_wipe", "dc-arl-01", "--actor", "ops")
+    assert result.exit_code == 2
+    assert "not an operator decision" in result.stderr
+
+    result = _run(restore, "history", "dc-arl-01", "--json")
+    assert result.exit_code == 0, result.output
+    history = json.loads(result.stdout)
+    assert history["host"] == "dc-arl-01"
+    assert history["state"] == "on_hold"
+    assert [(t["from"], t["event"], t["to"], t["actor"]) for t in history["transitions"]] == [
+        (None, "enroll", "compromised", "inventory"),
+        ("compromised", "evidence_captured", "evidence_captured", "Insp. Meyer"),
+        ("evidence_captured", "hold", "on_hold", "ops"),
+    ]
+    assert all(t["at"].endswith("Z") and t["at"].startswith("20") for t in history["transitions"])
+    assert history["evidence"][0]["sha256"] == DIGEST
+
+    result = _run(restore, "history", "dc-arl-01")
+    assert result.exit_code == 0
+    assert "on_hold" in result.stdout
+
+    result = _run(restore, "history", "nope")
+    assert result.exit_code == 1
+    assert "no host named 'nope'" in result.stderr
