@@ -28,12 +28,12 @@ ILLEGAL = [
 ]
 
 
-@pytest.mark.parametrize(("state", "event"), list(TRANSITIONS), ids=lambda v: str(v))
+@pytest.mark.parametrize(("state", "event"), list(TRANSITIONS), ids=str)
 def test_every_legal_transition(state: HostState, event: Event) -> None:
     assert advance(state, event) is TRANSITIONS[(state, event)]
 
 
-@pytest.mark.parametrize(("state", "event"), ILLEGAL, ids=lambda v: str(v))
+@pytest.mark.parametrize(("state", "event"), ILLEGAL, ids=str)
 def test_every_illegal_transition_raises(state: HostState, event: Event) -> None:
     with pytest.raises(IllegalTransition, match=f"'{event.value}' is not allowed in state '{state.value}'"):
         advance(state, event)
