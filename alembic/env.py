@@ -7,21 +7,31 @@ default SQLite file.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from alembic import context
 from sqlalchemy import Connection
 
 from restore_flows.ledger.db import make_engine
-from restore_flows.ledger.tables import Base
+from restore_flows.ledger.tables import Base, UtcDateTime
 from restore_flows.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata
 
 
+def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
+    """Write the UTC decorator as the plain column type it stores, so revisions import no project code."""
+    if type_ == "type" and isinstance(obj, UtcDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        render_item=_render_item,
         # SQLite cannot ALTER most things: batch mode rebuilds tables where needed.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,

@@ -47,6 +47,8 @@ class Host:
     ssh: Ssh | None = None
     drivers: Drivers = field(default_factory=Drivers)
     checks: tuple[Check, ...] = ()
+    durations: Mapping[Stage, float] = field(default_factory=dict)
+    """Expected minutes per stage where the inventory says; the fleet's defaults otherwise."""
     description: str | None = None
 
 

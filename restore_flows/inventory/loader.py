@@ -567,6 +567,7 @@ class _Loader:
             ssh=pick("ssh"),
             drivers=pick("drivers") or Drivers(),
             checks=tuple(pick("checks") or ()),
+            durations=pick("durations") or {},
             description=entry.spec.description,
         )
 

@@ -231,6 +231,9 @@ class HostFields(_Strict):
     drivers: Drivers | None = None
     ssh: Ssh | None = None
     checks: list[Check] | None = Field(default=None, description="Checks that prove the host clean.")
+    durations: dict[Stage, Annotated[float, Field(ge=0)]] | None = Field(
+        default=None, description="Expected minutes per stage (rehearsal timing and ETA)."
+    )
     description: str | None = None
 
 

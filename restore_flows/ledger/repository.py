@@ -31,6 +31,8 @@ from sqlalchemy import Connection, Engine, Table, and_, func, insert, or_, selec
 
 from restore_flows.errors import LeaseHeld, LeaseLost, SafetyViolation, UnknownHost
 from restore_flows.inventory.estate import Estate
+from restore_flows.ledger.db import READ_ONLY
+from restore_flows.ledger.pools import Slots
 from restore_flows.ledger.records import (
     ApprovalRecord,
     AttemptRecord,
@@ -117,7 +119,13 @@ class Ledger:
 
     def __init__(self, engine: Engine, clock: Clock = utcnow) -> None:
         self._engine = engine
+        self._reader = engine.execution_options(**READ_ONLY)
         self._clock = clock
+        self.slots = Slots(engine, clock)
+
+    def now(self) -> dt.datetime:
+        """The ledger's clock (leases and records are stamped with it)."""
+        return self._clock()
 
     # -- inventory ---------------------------------------------------------------------------------
 
@@ -202,6 +210,7 @@ class Ledger:
                 if row is not None and any(getattr(row, k) != v for k, v in fields.items()):
                     changed.append(name)
                     db.execute(update(HOSTS).where(HOSTS.c.name == name).values(**fields, updated_at=now))
+        self.slots.sync({name: pool.capacity for name, pool in estate.pools.items()})
         renames = _possible_renames({n: existing[n] for n in gone}, {n: wanted[n] for n in new})
         return SyncReport(
             enrolled=tuple(new),
@@ -554,25 +563,25 @@ class Ledger:
     # -- reading -----------------------------------------------------------------------------------
 
     def host(self, name: str) -> HostRecord:
-        with self._engine.connect() as db:
+        with self._reader.connect() as db:
             return _host_record(self._host_row(db, name))
 
     def hosts(self, include_retired: bool = False) -> list[HostRecord]:
         query = select(HOSTS).order_by(HOSTS.c.name)
         if not include_retired:
             query = query.where(HOSTS.c.retired_at.is_(None))
-        with self._engine.connect() as db:
+        with self._reader.connect() as db:
             return [_host_record(row) for row in db.execute(query)]
 
     def states(self, names: Iterable[str] | None = None) -> dict[str, HostState]:
         query = select(HOSTS.c.name, HOSTS.c.state)
         if names is not None:
             query = query.where(HOSTS.c.name.in_(list(names)))
-        with self._engine.connect() as db:
+        with self._reader.connect() as db:
             return {row.name: HostState(row.state) for row in db.execute(query)}
 
     def history(self, name: str) -> History:
-        with self._engine.connect() as db:
+        with self._reader.connect() as db:
             host = _host_record(self._host_row(db, name))
             transitions = tuple(
                 TransitionRecord(
@@ -623,11 +632,30 @@ class Ledger:
             )
             .order_by(HOSTS.c.name)
         )
-        with self._engine.connect() as db:
+        with self._reader.connect() as db:
             return [(row.name, row.stage) for row in db.execute(query)]
 
+    def has_evidence(self, host: str) -> bool:
+        with self._reader.connect() as db:
+            return self._has_evidence(db, host)
+
+    def open_attempt(self, host: str) -> AttemptRecord | None:
+        """The attempt of a stage that started and has not ended (after a crash: the interrupted one)."""
+        with self._reader.connect() as db:
+            r = db.execute(
+                select(ATTEMPTS)
+                .where(ATTEMPTS.c.host == host, ATTEMPTS.c.ended_at.is_(None))
+                .order_by(ATTEMPTS.c.id.desc())
+                .limit(1)
+            ).first()
+        if r is None:
+            return None
+        return AttemptRecord(
+            r.host, r.stage, r.number, r.run_id, r.started_at, r.ended_at, r.outcome, r.error
+        )
+
     def transition_count(self) -> int:
-        with self._engine.connect() as db:
+        with self._reader.connect() as db:
             return int(db.execute(select(func.count()).select_from(TRANSITIONS)).scalar_one())
 
     # -- helpers -----------------------------------------------------------------------------------

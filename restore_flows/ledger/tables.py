@@ -171,3 +171,34 @@ class ApprovedHostRow(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
 
     __table_args__ = (Index(None, "run_id", "host"),)
+
+
+class PoolRow(Base):
+    """Shared capacity from the inventory (imaging slots, technicians, backup streams)."""
+
+    __tablename__ = "pools"
+
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    capacity: Mapped[int] = mapped_column(Integer)
+
+
+class PoolClaimRow(Base):
+    """A stage's claim on one slot of a pool: waiting until granted, then held until released.
+
+    Claims expire unless renewed, so a crashed run's slots come back by themselves.
+    """
+
+    __tablename__ = "pool_claims"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pool: Mapped[str] = mapped_column(ForeignKey("pools.name"))
+    host: Mapped[str] = mapped_column(String(253))
+    run_id: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[str] = mapped_column(String(32))
+    priority: Mapped[int] = mapped_column(BigInteger)
+    """Smaller goes first: the wave's position, then the host's place in the wave's start order."""
+    requested_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    granted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index(None, "pool", "granted_at"),)

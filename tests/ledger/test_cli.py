@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from restore_flows.cli import app
+from restore_flows.ledger.db import head_revision
 
 INVENTORY = str(Path(__file__).resolve().parents[2] / "inventory")
 DIGEST = "ab" * 32
@@ -36,7 +37,7 @@ def test_commands_refuse_an_unmigrated_database(restore: CliRunner) -> None:
 def test_status_history_evidence_decide(restore: CliRunner) -> None:
     result = _run(restore, "db", "upgrade")
     assert result.exit_code == 0, result.output
-    assert "-> 0001" in result.stdout
+    assert f"-> {head_revision()}" in result.stdout
 
     result = _run(restore, "status", "--json")
     assert result.exit_code == 0, result.output

@@ -1,0 +1,73 @@
+"""What the restore pipeline asks of the fleet, one operation per stage.
+
+Each operation is blocking and must enforce its own timeout (Prefect cannot interrupt a blocking call):
+it returns when the stage is done or raises :class:`DriverError`. Real implementations compose the
+lower capabilities (power and boot over Redfish, remote shell over SSH, deployment server, network);
+the simulated fleet in :mod:`restore_flows.drivers.fake` implements the same protocol for rehearsals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Protocol
+
+from restore_flows.errors import RestoreError
+from restore_flows.inventory.estate import Host
+from restore_flows.inventory.models import Stage
+
+
+class DriverError(RestoreError):
+    """A stage could not be done on a host. ``retryable``: worth another attempt without an operator."""
+
+    def __init__(self, host: str, stage: Stage, detail: str, *, retryable: bool = True) -> None:
+        super().__init__(f"{host}: {stage.value}: {detail}")
+        self.host = host
+        self.stage = stage
+        self.detail = detail
+        self.retryable = retryable
+
+
+class DriverTimeout(DriverError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    kind: str
+    sha256: str
+    location: str
+    custodian: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The result of every check of a host. Clean only if nothing failed and nothing was found."""
+
+    failures: tuple[str, ...] = ()
+    ioc_findings: tuple[str, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        return not self.failures and not self.ioc_findings
+
+
+class Fleet(Protocol):
+    def capture_evidence(self, host: Host) -> Evidence: ...
+
+    def wipe(self, host: Host) -> None: ...
+
+    def reimage(self, host: Host) -> None: ...
+
+    def restore_backup(self, host: Host) -> None: ...
+
+    def verify(self, host: Host) -> Verification: ...
+
+    def release(self, host: Host) -> None: ...
+
+    def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
+        """After a crash: do the host's facts show that a stage started at ``started_at`` finished?
+
+        Resume asks this instead of repeating the stage; ``False`` hands the host to an operator.
+        """
+        ...

@@ -1,0 +1,115 @@
+"""The simulated fleet: the rehearsal stand-in for every driver, with realistic durations.
+
+Durations are minutes of real work per stage, scaled by ``time_scale`` (0 = instant; 1/60 makes a
+minute last a second). Failures are injected per stage at the given rates, drawn from a generator
+seeded by (seed, host, stage, attempt), so a rehearsal fails the same hosts whatever the thread timing.
+
+Default durations, chosen from what hospital IT teams report for a rebuild (minutes):
+
+=========  ======  ===========  ===================================================================
+stage      server  workstation  why
+=========  ======  ===========  ===================================================================
+evidence   45      20           disk image plus memory dump to the forensic store
+wipe       20      10           secure erase of SSD/NVMe, boot media replaced
+reimage    40      25           PXE boot, golden image, domain join, first-boot configuration
+restore    60      n/a          VM restore from the last clean backup (backup streams are the limit)
+verify     10      5            image id, services, EDR agent, IOC scan
+release    2       1            move from the quarantine VLAN to production
+=========  ======  ===========  ===================================================================
+
+A role or host may override them with ``durations: {stage: minutes}`` in the inventory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from restore_flows.drivers.base import DriverError, Evidence, Verification
+from restore_flows.inventory.estate import Host
+from restore_flows.inventory.models import HostKind, Stage
+
+DEFAULT_MINUTES: Mapping[Stage, tuple[float, float]] = {
+    Stage.EVIDENCE: (45, 20),
+    Stage.WIPE: (20, 10),
+    Stage.REIMAGE: (40, 25),
+    Stage.RESTORE: (60, 60),
+    Stage.VERIFY: (10, 5),
+    Stage.RELEASE: (2, 1),
+}
+
+
+def stage_minutes(host: Host, stage: Stage) -> float:
+    override = host.durations.get(stage)
+    if override is not None:
+        return override
+    server, workstation = DEFAULT_MINUTES[stage]
+    return server if host.kind is HostKind.SERVER else workstation
+
+
+@dataclass
+class SimulatedFleet:
+    time_scale: float = 0.0
+    """Real seconds per simulated minute divided by 60: 1.0 is real time, 0 is instant."""
+    fail_rates: Mapping[Stage, float] = field(default_factory=dict)
+    seed: int = 0
+    ioc_rate: float = 0.0
+    """Share of verifications that find an indicator of compromise (the host goes to quarantine)."""
+    broken: Mapping[str, Stage] = field(default_factory=dict)
+    """Hosts whose given stage fails on every attempt (for drills and tests)."""
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    _attempts: dict[tuple[str, Stage], int] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def capture_evidence(self, host: Host) -> Evidence:
+        self._work(host, Stage.EVIDENCE)
+        digest = hashlib.sha256(f"{self.seed}:{host.name}:evidence".encode()).hexdigest()
+        return Evidence("disk-image", digest, f"rehearsal://forensics/{host.name}.E01", "rehearsal")
+
+    def wipe(self, host: Host) -> None:
+        self._work(host, Stage.WIPE)
+
+    def reimage(self, host: Host) -> None:
+        self._work(host, Stage.REIMAGE)
+
+    def restore_backup(self, host: Host) -> None:
+        self._work(host, Stage.RESTORE)
+
+    def verify(self, host: Host) -> Verification:
+        attempt = self._work(host, Stage.VERIFY)
+        if self._draw(host, Stage.VERIFY, attempt, "ioc") < self.ioc_rate:
+            return Verification(ioc_findings=(f"rehearsal IOC on {host.name}",))
+        return Verification()
+
+    def release(self, host: Host) -> None:
+        self._work(host, Stage.RELEASE)
+
+    def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
+        needed = dt.timedelta(seconds=stage_minutes(host, stage) * 60 * self.time_scale)
+        return self.clock() - started_at >= needed
+
+    def seconds(self, host: Host, stage: Stage) -> float:
+        return stage_minutes(host, stage) * 60 * self.time_scale
+
+    def _work(self, host: Host, stage: Stage) -> int:
+        with self._lock:
+            attempt = self._attempts.get((host.name, stage), 0) + 1
+            self._attempts[(host.name, stage)] = attempt
+        seconds = self.seconds(host, stage)
+        if seconds > 0:
+            self.sleep(seconds)
+        if self.broken.get(host.name) is stage:
+            raise DriverError(host.name, stage, "simulated permanent failure", retryable=False)
+        rate = self.fail_rates.get(stage, 0.0)
+        if rate and self._draw(host, stage, attempt, "fail") < rate:
+            raise DriverError(host.name, stage, f"simulated failure (attempt {attempt})")
+        return attempt
+
+    def _draw(self, host: Host, stage: Stage, attempt: int, purpose: str) -> float:
+        return random.Random(f"{self.seed}:{host.name}:{stage.value}:{attempt}:{purpose}").random()
