@@ -11,8 +11,10 @@ unit tests, Prefect tasks for the flows. The dispatcher only decides.
 
 from __future__ import annotations
 
+import heapq
 import queue
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -81,69 +83,110 @@ class Dispatcher:
     max_parallel: int = 16
     dependency_timeout: float = 3600.0
     poll_seconds: float = 0.5
+    """How often hosts outside the run are looked up again while something waits for them."""
     on_change: Callable[[HostProgress], None] = lambda progress: None
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     _done: queue.Queue[HostOutcome] = field(default_factory=queue.Queue, init=False)
 
     def run(self) -> RunSummary:
+        """Event-driven: a host is looked at again only when one of its dependencies changed."""
         started = self.clock()
         estate = self.plan.estate
         order = {name: i for i, name in enumerate(n for w in self.plan.waves for n in w.hosts)}
         members = sorted(set(self.hosts), key=order.__getitem__)
-        progress = {name: self._progress(name) for name in members}
-        outside = sorted({d for n in members for d in estate.hosts[n].depends_on} - set(members))
+        inside = set(members)
+        self._progress = {name: self._new_progress(name) for name in members}
+        self._unmet: dict[str, list[str]] = {}
+        self._dependents: dict[str, list[str]] = defaultdict(list)
+        self._waiting_since: dict[str, float] = {}
+        self._ready: list[tuple[int, str]] = []
+        self._order = order
         for name, state in self.ledger.states(members).items():
-            progress[name].state = state
-            if state is HostState.ONLINE:
-                self._set(progress[name], Status.ONLINE)
-        pending = [n for n in members if progress[n].status is not Status.ONLINE]
+            self._progress[name].state = state
+        outside = sorted({d for n in members for d in estate.hosts[n].depends_on} - inside)
+        external = self.ledger.states(outside) if outside else {}
+        for name in members:
+            item = self._progress[name]
+            if item.state is HostState.ONLINE:
+                self._set(item, Status.ONLINE)
+                continue
+            deps = [
+                d
+                for d in estate.hosts[name].depends_on
+                if d in inside or external.get(d) is not HostState.ONLINE
+            ]
+            self._unmet[name] = deps
+            for dependency in deps:
+                self._dependents[dependency].append(name)
+        for name in members:  # in plan order: dependencies are settled before their dependents
+            if name in self._unmet:
+                self._settle(name, external)
         running: set[str] = set()
-        waiting_since: dict[str, float] = {}
-        while pending or running:
-            external = self.ledger.states(outside) if outside else {}
-            pending = self._schedule(pending, progress, external, running, waiting_since)
-            if running:
-                self._collect(progress, running)
-            elif pending:
-                # Everything left waits for hosts of other waves or runs: look again shortly.
-                self.sleep(self.poll_seconds)
-        return RunSummary(progress, self.clock() - started)
-
-    def _schedule(
-        self,
-        pending: list[str],
-        progress: Mapping[str, HostProgress],
-        external: Mapping[str, HostState],
-        running: set[str],
-        waiting_since: dict[str, float],
-    ) -> list[str]:
-        """Start what may start, block what cannot, and return what still waits."""
-        still: list[str] = []
-        for name in pending:
-            verdict, reason, on_outside = self._readiness(name, progress, external)
-            item = progress[name]
-            if verdict is Status.BLOCKED:
-                self._set(item, Status.BLOCKED, reason)
-            elif verdict is Status.WAITING:
-                first = waiting_since.setdefault(name, self.clock()) if on_outside else self.clock()
-                if self.clock() - first > self.dependency_timeout:
-                    self._set(
-                        item, Status.BLOCKED, f"{reason}: gave up after {self.dependency_timeout:.0f} s"
-                    )
-                    continue
-                if item.reason != reason or item.status is not Status.WAITING:
-                    self._set(item, Status.WAITING, reason)
-                still.append(name)
-            elif len(running) < self.max_parallel:
+        next_look = self.clock() + self.poll_seconds
+        while self._unmet or self._ready or running:
+            while self._ready and len(running) < self.max_parallel:
+                _, name = heapq.heappop(self._ready)
                 running.add(name)
-                self._set(item, Status.RUNNING)
-                self.start(self.plan.estate.hosts[name], self._done.put)
-            else:
-                still.append(name)
-        return still
+                self._set(self._progress[name], Status.RUNNING)
+                self.start(estate.hosts[name], self._done.put)
+            waits_outside = any(d not in inside for deps in self._unmet.values() for d in deps)
+            if running:
+                self._collect(running)
+            elif self._unmet and not self._ready:
+                self.sleep(max(0.0, next_look - self.clock()))
+            if waits_outside and self.clock() >= next_look:
+                next_look = self.clock() + self.poll_seconds
+                self._look_outside(inside)
+        return RunSummary(self._progress, self.clock() - started)
 
-    def _collect(self, progress: Mapping[str, HostProgress], running: set[str]) -> None:
+    def _settle(self, name: str, external: Mapping[str, HostState]) -> None:
+        """Decide a pending host from its unmet dependencies: ready, waiting (and why) or blocked."""
+        item = self._progress[name]
+        unmet = self._unmet[name]
+        if not unmet:
+            del self._unmet[name]
+            heapq.heappush(self._ready, (self._order[name], name))
+            return
+        first = unmet[0]
+        wave = self.plan.hosts[first].wave
+        dependency = self._progress.get(first)
+        if dependency is not None and dependency.status in (Status.FAILED, Status.BLOCKED):
+            why = dependency.error or dependency.reason or dependency.status.value
+            self._block(name, f"blocked: {first} (wave {wave}) {dependency.status.value}: {why}")
+            return
+        state = external.get(first)
+        if dependency is None and state is not None and state in STUCK:
+            self._block(name, f"blocked: {first} (wave {wave}) is {state.value}")
+            return
+        reason = f"waiting for {first} (wave {wave}) to be online"
+        if dependency is None:
+            since = self._waiting_since.setdefault(name, self.clock())
+            if self.clock() - since > self.dependency_timeout:
+                self._block(name, f"{reason}: gave up after {self.dependency_timeout:.0f} s")
+                return
+        if item.status is not Status.WAITING or item.reason != reason:
+            self._set(item, Status.WAITING, reason)
+
+    def _block(self, name: str, reason: str) -> None:
+        """Block a host and, transitively, everything in the run that waits for it."""
+        self._unmet.pop(name, None)
+        self._set(self._progress[name], Status.BLOCKED, reason)
+        for dependent in self._dependents.get(name, ()):
+            if dependent in self._unmet:
+                self._settle_after(dependent, name)
+
+    def _settle_after(self, dependent: str, changed: str) -> None:
+        unmet = self._unmet[dependent]
+        if self._progress[changed].status is Status.ONLINE:
+            unmet.remove(changed)
+        else:
+            # Look at the failed dependency first, so the reason names it.
+            unmet.remove(changed)
+            unmet.insert(0, changed)
+        self._settle(dependent, {})
+
+    def _collect(self, running: set[str]) -> None:
         """Take every finished host's outcome; wait up to one poll interval for the first."""
         try:
             outcome = self._done.get(timeout=self.poll_seconds)
@@ -151,44 +194,32 @@ class Dispatcher:
             return
         while True:
             running.discard(outcome.host)
-            item = progress[outcome.host]
+            item = self._progress[outcome.host]
             item.state = outcome.state
             item.error = outcome.error
             item.stage = outcome.stage
             self._set(item, Status.ONLINE if outcome.online else Status.FAILED, outcome.error)
+            for dependent in self._dependents.get(outcome.host, ()):
+                if dependent in self._unmet:
+                    self._settle_after(dependent, outcome.host)
             try:
                 outcome = self._done.get_nowait()
             except queue.Empty:
                 return
 
-    def _readiness(
-        self, name: str, progress: Mapping[str, HostProgress], external: Mapping[str, HostState]
-    ) -> tuple[Status, str | None, bool]:
-        """Whether a host may start; why not; and whether it waits on a host outside the run."""
-        hosts = self.plan.hosts
-        for dependency in self.plan.estate.hosts[name].depends_on:
-            wave = hosts[dependency].wave
-            inside = progress.get(dependency)
-            if inside is not None:
-                if inside.status is Status.ONLINE:
-                    continue
-                if inside.status in (Status.FAILED, Status.BLOCKED):
-                    why = inside.error or inside.reason or inside.status.value
-                    return (
-                        Status.BLOCKED,
-                        f"blocked: {dependency} (wave {wave}) {inside.status.value}: {why}",
-                        False,
-                    )
-                return Status.WAITING, f"waiting for {dependency} (wave {wave}) to be online", False
-            state = external.get(dependency)
-            if state is HostState.ONLINE:
-                continue
-            if state is not None and state in STUCK:
-                return Status.BLOCKED, f"blocked: {dependency} (wave {wave}) is {state.value}", True
-            return Status.WAITING, f"waiting for {dependency} (wave {wave}) to be online", True
-        return Status.RUNNING, None, False
+    def _look_outside(self, inside: set[str]) -> None:
+        """Refresh the states of hosts outside the run that someone still waits for."""
+        wanted = sorted({d for deps in self._unmet.values() for d in deps if d not in inside})
+        external = self.ledger.states(wanted)
+        for name in list(self._unmet):
+            if name not in self._unmet:
+                continue  # blocked meanwhile by a dependency
+            self._unmet[name] = [
+                d for d in self._unmet[name] if d in inside or external.get(d) is not HostState.ONLINE
+            ]
+            self._settle(name, external)
 
-    def _progress(self, name: str) -> HostProgress:
+    def _new_progress(self, name: str) -> HostProgress:
         host = self.plan.estate.hosts[name]
         return HostProgress(name, self.plan.hosts[name].wave, host.site, host.department)
 

@@ -55,6 +55,10 @@ def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
     # in steps of up to 100 ms between retries: with a dozen writer threads that turned a
     # millisecond of work into tens of milliseconds. Other processes still use the busy timeout.
     writer = threading.Lock()
+    # Which thread holds it: a connection's own bookkeeping may be unreadable after an interrupted
+    # write (SQLAlchemy invalidates the connection), and the lock must come back whatever happened.
+    holder = threading.local()
+    wait = busy_timeout_ms / 1000 if busy_timeout_ms > 0 else -1
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -71,22 +75,28 @@ def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
         if connection.get_execution_options().get("ledger_read_only"):
             connection.exec_driver_sql("BEGIN")
             return
-        writer.acquire()
-        connection.info["ledger_writer"] = True
+        if not writer.acquire(timeout=wait):
+            raise TimeoutError(f"waited {wait:.0f} s for this process's ledger writer lock")
+        holder.held = True
         try:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         except BaseException:
-            _release(connection)
+            _release()
             raise
 
-    def _release(connection: Any) -> None:
-        if connection.info.pop("ledger_writer", False):
+    def _release(*_args: Any) -> None:
+        if getattr(holder, "held", False):
+            holder.held = False
             writer.release()
 
     # 'commit' and 'rollback' fire just before the database's own; the next writer's BEGIN IMMEDIATE
-    # then waits at most for that COMMIT, in SQLite's busy handler.
+    # then waits at most for that COMMIT, in SQLite's busy handler. The pool events cover a
+    # connection invalidated or returned without either (an exception in the middle of a write).
     event.listen(engine, "commit", _release)
     event.listen(engine, "rollback", _release)
+    event.listen(engine.pool, "reset", _release)
+    event.listen(engine.pool, "invalidate", _release)
+    event.listen(engine.pool, "checkin", _release)
 
 
 def engine_from_settings(settings: Settings) -> Engine:

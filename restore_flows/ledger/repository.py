@@ -358,17 +358,9 @@ class Ledger:
                     raise UnknownHost(f"host {host} is retired (no longer in the inventory)")
                 raise LeaseHeld(f"host {host} is held by run {row.lease_run} until {_iso(row.lease_expires)}")
             state = HostState(result.state)
-            interrupted = None
-            if state in STAGE_OF_STATE:
-                open_attempt = db.execute(
-                    select(ATTEMPTS.c.run_id).where(
-                        ATTEMPTS.c.host == host,
-                        ATTEMPTS.c.stage == STAGE_OF_STATE[state],
-                        ATTEMPTS.c.ended_at.is_(None),
-                    )
-                ).first()
-                if open_attempt is None or open_attempt.run_id != run_id:
-                    interrupted = STAGE_OF_STATE[state]
+        # A run works a host from one acquire to its release, so a stage found running at acquire
+        # time was left by a lost worker: another run, or this same run before a crash and resume.
+        interrupted = STAGE_OF_STATE.get(state)
         return Lease(host, run_id, int(result.lease_token), expires, state, interrupted)
 
     def renew(self, lease: Lease, seconds: float) -> Lease:
