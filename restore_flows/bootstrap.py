@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.loader import load_estate
-from restore_flows.ledger.db import engine_from_settings, require_current_schema
+from restore_flows.ledger.db import engine_from_settings, require_current_schema, upgrade
 from restore_flows.ledger.records import SyncReport
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import Plan, plan
@@ -26,10 +26,16 @@ class Context:
 
 
 @contextmanager
-def open_ledger(settings: Settings) -> Iterator[Context]:
-    """The ledger, after checking the database is migrated to this code's revision; closed after."""
-    engine = engine_from_settings(settings)
+def open_ledger(settings: Settings, *, rehearsal: bool = False, migrate: bool = False) -> Iterator[Context]:
+    """The ledger, after checking the database is migrated to this code's revision; closed after.
+
+    ``migrate`` brings it to the current revision first: for the rehearsal ledger, which the project
+    owns entirely; the live ledger is migrated only by an operator (``restore db upgrade``).
+    """
+    engine = engine_from_settings(settings, rehearsal)
     try:
+        if migrate:
+            upgrade(engine)
         require_current_schema(engine)
         yield Context(settings, engine, Ledger(engine))
     finally:

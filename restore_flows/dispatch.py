@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import queue
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -87,7 +87,10 @@ class Dispatcher:
     on_change: Callable[[HostProgress], None] = lambda progress: None
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    restarts: int = 3
+    """How often a host whose work never started (executor hiccup) is started again."""
     _done: queue.Queue[HostOutcome] = field(default_factory=queue.Queue, init=False)
+    _restarts: Counter[str] = field(default_factory=Counter, init=False)
 
     def run(self) -> RunSummary:
         """Event-driven: a host is looked at again only when one of its dependencies changed."""
@@ -114,7 +117,11 @@ class Dispatcher:
             deps = [
                 d
                 for d in estate.hosts[name].depends_on
-                if d in inside or external.get(d) is not HostState.ONLINE
+                if (
+                    self._progress[d].status is not Status.ONLINE
+                    if d in inside
+                    else external.get(d) is not HostState.ONLINE
+                )
             ]
             self._unmet[name] = deps
             for dependency in deps:
@@ -134,6 +141,12 @@ class Dispatcher:
             if running:
                 self._collect(running)
             elif self._unmet and not self._ready:
+                if not waits_outside:
+                    # Nothing runs and nothing waits outside: what is left can never start. A bug;
+                    # say so for each host rather than spin.
+                    for name in list(self._unmet):
+                        self._block(name, "blocked: its dependencies can no longer start (dispatcher)")
+                    continue
                 self.sleep(max(0.0, next_look - self.clock()))
             if waits_outside and self.clock() >= next_look:
                 next_look = self.clock() + self.poll_seconds
@@ -189,23 +202,34 @@ class Dispatcher:
     def _collect(self, running: set[str]) -> None:
         """Take every finished host's outcome; wait up to one poll interval for the first."""
         try:
-            outcome = self._done.get(timeout=self.poll_seconds)
+            first: HostOutcome | None = self._done.get(timeout=self.poll_seconds)
         except queue.Empty:
             return
-        while True:
+        outcome = first
+        while outcome is not None:
             running.discard(outcome.host)
-            item = self._progress[outcome.host]
-            item.state = outcome.state
-            item.error = outcome.error
-            item.stage = outcome.stage
-            self._set(item, Status.ONLINE if outcome.online else Status.FAILED, outcome.error)
-            for dependent in self._dependents.get(outcome.host, ()):
-                if dependent in self._unmet:
-                    self._settle_after(dependent, outcome.host)
-            try:
-                outcome = self._done.get_nowait()
-            except queue.Empty:
-                return
+            if outcome.not_started and self._restarts[outcome.host] < self.restarts:
+                self._restarts[outcome.host] += 1
+                heapq.heappush(self._ready, (self._order[outcome.host], outcome.host))
+            else:
+                self._finished(outcome)
+            outcome = self._next_done()
+
+    def _finished(self, outcome: HostOutcome) -> None:
+        item = self._progress[outcome.host]
+        item.state = outcome.state
+        item.error = outcome.error
+        item.stage = outcome.stage
+        self._set(item, Status.ONLINE if outcome.online else Status.FAILED, outcome.error)
+        for dependent in self._dependents.get(outcome.host, ()):
+            if dependent in self._unmet:
+                self._settle_after(dependent, outcome.host)
+
+    def _next_done(self) -> HostOutcome | None:
+        try:
+            return self._done.get_nowait()
+        except queue.Empty:
+            return None
 
     def _look_outside(self, inside: set[str]) -> None:
         """Refresh the states of hosts outside the run that someone still waits for."""

@@ -76,6 +76,8 @@ class HostOutcome:
     state: HostState
     error: str | None = None
     stage: str | None = None
+    not_started: bool = False
+    """The executor never ran the pipeline: nothing was done, the host may be started again."""
 
     @property
     def online(self) -> bool:

@@ -22,7 +22,20 @@ class Settings(BaseSettings):
             "data_dir. Production: postgresql+psycopg://user@host/dbname (never Prefect's database)."
         ),
     )
-    inventory_dir: Path = Field(default=Path("inventory"), description="Inventory directory.")
+    rehearsal_database_url: str | None = Field(
+        default=None,
+        description=(
+            "Ledger of rehearsals, kept apart so that a rehearsal never marks a real host online. "
+            "Default: SQLite file 'rehearsal.sqlite3' in data_dir."
+        ),
+    )
+    inventory: Path = Field(default=Path("inventory"), description="Inventory directory (RESTORE_INVENTORY).")
+    prefect_host: str = Field(default="127.0.0.1", description="Address the local Prefect server binds.")
+    prefect_port: int = Field(default=4200, ge=1, le=65535, description="Port of the local Prefect server.")
+    prefect_database_url: str | None = Field(
+        default=None,
+        description="Prefect server's own database (postgresql+asyncpg://...); default SQLite in its home.",
+    )
     lease_seconds: float = Field(
         default=300.0,
         gt=0,
@@ -32,7 +45,13 @@ class Settings(BaseSettings):
         default=30_000, ge=0, description="How long a SQLite writer waits for the lock."
     )
 
-    def ledger_url(self) -> str:
+    def ledger_url(self, rehearsal: bool = False) -> str:
+        if rehearsal:
+            return self.rehearsal_database_url or f"sqlite:///{self.data_dir / 'rehearsal.sqlite3'}"
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_dir / 'ledger.sqlite3'}"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data_dir / "prefect"

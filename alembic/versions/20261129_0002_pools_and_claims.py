@@ -35,11 +35,14 @@ def upgrade() -> None:
         sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("granted_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("released_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(["pool"], ["pools.name"], name=op.f("fk_pool_claims_pool_pools")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_pool_claims")),
     )
     with op.batch_alter_table("pool_claims", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_pool_claims_pool"), ["pool", "granted_at"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_pool_claims_pool"), ["pool", "released_at", "granted_at"], unique=False
+        )
 
     # ### end Alembic commands ###
 

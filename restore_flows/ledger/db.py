@@ -99,8 +99,8 @@ def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
     event.listen(engine.pool, "checkin", _release)
 
 
-def engine_from_settings(settings: Settings) -> Engine:
-    return make_engine(settings.ledger_url(), busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+def engine_from_settings(settings: Settings, rehearsal: bool = False) -> Engine:
+    return make_engine(settings.ledger_url(rehearsal), busy_timeout_ms=settings.sqlite_busy_timeout_ms)
 
 
 def alembic_config(url: str) -> Config:

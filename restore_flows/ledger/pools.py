@@ -3,8 +3,8 @@
 Prefect's concurrency limits have no priority and hand slots over slowly; here a stage that needs a
 pool files a claim, and a free slot goes to the waiting claim with the smallest priority number (the
 earliest wave, then the host's place in its wave's start order), whichever run or process filed it.
-Claims expire unless renewed: waiting ones on every poll, granted ones with the host's lease, so a
-crashed run gives its slots back by itself.
+Claims expire unless renewed (waiting ones renew on every poll), so a crashed run gives its slots
+back by itself. Released and expired claims are kept, marked, as the record of who got which slot when.
 
 Each grant decision is one transaction that serializes on the pool: ``SELECT ... FOR UPDATE`` of the
 pool row on PostgreSQL; on SQLite every transaction already takes the write lock (``BEGIN IMMEDIATE``).
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import cast
 
-from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Table, func, insert, select, update
 
 from restore_flows.errors import LedgerError
 from restore_flows.ledger.db import READ_ONLY
@@ -83,10 +83,14 @@ class Slots:
         if db.dialect.name != "sqlite":
             locked = locked.with_for_update()
         capacity = db.execute(locked).scalar_one()
-        db.execute(delete(CLAIMS).where(CLAIMS.c.pool == pool, CLAIMS.c.expires_at <= now))
+        db.execute(
+            update(CLAIMS)
+            .where(CLAIMS.c.pool == pool, CLAIMS.c.released_at.is_(None), CLAIMS.c.expires_at <= now)
+            .values(released_at=CLAIMS.c.expires_at)
+        )
         mine = db.execute(
             update(CLAIMS)
-            .where(CLAIMS.c.id == claim)
+            .where(CLAIMS.c.id == claim, CLAIMS.c.released_at.is_(None))
             .values(expires_at=expires)
             .returning(CLAIMS.c.granted_at)
         ).first()
@@ -97,13 +101,13 @@ class Slots:
         granted = db.execute(
             select(func.count())
             .select_from(CLAIMS)
-            .where(CLAIMS.c.pool == pool, CLAIMS.c.granted_at.is_not(None))
+            .where(CLAIMS.c.pool == pool, CLAIMS.c.released_at.is_(None), CLAIMS.c.granted_at.is_not(None))
         ).scalar_one()
         if granted >= capacity:
             return False
         best = db.execute(
             select(CLAIMS.c.id)
-            .where(CLAIMS.c.pool == pool, CLAIMS.c.granted_at.is_(None))
+            .where(CLAIMS.c.pool == pool, CLAIMS.c.released_at.is_(None), CLAIMS.c.granted_at.is_(None))
             .order_by(CLAIMS.c.priority, CLAIMS.c.requested_at, CLAIMS.c.id)
             .limit(1)
         ).scalar_one()
@@ -118,7 +122,7 @@ class Slots:
         with self._engine.begin() as db:
             db.execute(
                 update(CLAIMS)
-                .where(CLAIMS.c.id.in_(list(claims)))
+                .where(CLAIMS.c.id.in_(list(claims)), CLAIMS.c.released_at.is_(None))
                 .values(expires_at=self._clock() + dt.timedelta(seconds=seconds))
             )
 
@@ -126,7 +130,11 @@ class Slots:
         if not claims:
             return
         with self._engine.begin() as db:
-            db.execute(delete(CLAIMS).where(CLAIMS.c.id.in_(list(claims))))
+            db.execute(
+                update(CLAIMS)
+                .where(CLAIMS.c.id.in_(list(claims)), CLAIMS.c.released_at.is_(None))
+                .values(released_at=self._clock())
+            )
         with self._released:
             self._released.notify_all()
 
@@ -138,7 +146,7 @@ class Slots:
             counts: dict[str, list[int]] = {name: [0, 0] for name in capacity}
             for row in db.execute(
                 select(CLAIMS.c.pool, CLAIMS.c.granted_at.is_not(None), func.count())
-                .where(CLAIMS.c.expires_at > now)
+                .where(CLAIMS.c.expires_at > now, CLAIMS.c.released_at.is_(None))
                 .group_by(CLAIMS.c.pool, CLAIMS.c.granted_at.is_not(None))
             ):
                 counts[row[0]][0 if row[1] else 1] += int(row[2])

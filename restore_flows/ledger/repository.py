@@ -237,6 +237,19 @@ class Ledger:
             )
         return run_id
 
+    def run_for(self, external_id: str) -> str | None:
+        """The ledger run of an orchestrator run (a Prefect flow run), if one was started: a flow run
+        that is re-run after a crash continues its ledger run, with its approval and its leases."""
+        with self._reader.connect() as db:
+            found = db.execute(
+                select(RUNS.c.id).where(RUNS.c.external_id == external_id).order_by(RUNS.c.started_at)
+            ).first()
+        return None if found is None else str(found.id)
+
+    def approved_hosts(self, run_id: str) -> set[str]:
+        with self._reader.connect() as db:
+            return {r.host for r in db.execute(select(APPROVED.c.host).where(APPROVED.c.run_id == run_id))}
+
     def finish_run(self, run_id: str, outcome: str) -> None:
         with self._engine.begin() as db:
             db.execute(

@@ -200,5 +200,7 @@ class PoolClaimRow(Base):
     requested_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     granted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    released_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    """Kept after release (or expiry) so that who got a slot when, and who was waiting, can be audited."""
 
-    __table_args__ = (Index(None, "pool", "granted_at"),)
+    __table_args__ = (Index(None, "pool", "released_at", "granted_at"),)

@@ -238,3 +238,16 @@ def test_hold_waits_and_wakes_on_release(ledger: Ledger) -> None:
     thread.join(2)
     slots.release([second])
     assert slots.usage()["imaging-arl"] == (2, 0, 0)
+
+
+def test_dependencies_already_online_do_not_hold_a_resumed_run(ledger: Ledger, small_plan: Plan) -> None:
+    # A resumed (or narrowed) run finds some of its own hosts online already; dependents still start.
+    fleet = SimulatedFleet()
+    _run(ledger, small_plan, fleet, "core")
+    _, servers = run_wave_threads(
+        ledger, small_plan, fleet, WaveRequest("icu", hosts=("gw-01", "db-01")), workers=4, settings=FAST
+    )
+    assert servers.ok
+    _, whole = _run(ledger, small_plan, fleet, "icu")
+    assert whole.ok, [(p.host, p.status, p.reason) for p in whole.hosts.values()]
+    assert ledger.host("ws-01").state is HostState.ONLINE

@@ -1,0 +1,221 @@
+"""``restore rehearse`` and ``restore up``: a local Prefect server, the flows, and a terminal view.
+
+Rehearsals write to their own ledger (``data/rehearsal.sqlite3`` by default), started afresh each
+time unless asked to continue, so that a rehearsal never marks a real host online.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy.engine import make_url
+
+from restore_flows.inventory.loader import load_estate
+from restore_flows.ledger.db import downgrade, make_engine, upgrade
+from restore_flows.ledger.repository import Ledger
+from restore_flows.planning import plan
+from restore_flows.prefect_server import PrefectServer, client_settings, is_healthy, start_server
+from restore_flows.settings import Settings
+from restore_flows.states import FAILED, HostState
+
+
+@contextmanager
+def prefect_api(settings: Settings, console: Console) -> Iterator[str]:
+    """The API URL of a healthy local Prefect server: the one already running, or one started now."""
+    api_url = f"http://{settings.prefect_host}:{settings.prefect_port}/api"
+    server: PrefectServer | None = None
+    if not is_healthy(api_url):
+        console.print(
+            f"starting the Prefect server on {settings.prefect_host}:{settings.prefect_port} "
+            "(about 20-40 s the first time)..."
+        )
+        server = start_server(
+            settings.prefect_home,
+            host=settings.prefect_host,
+            port=settings.prefect_port,
+            database_url=settings.prefect_database_url,
+        )
+        console.print(f"Prefect server ready in {server.started_in:.0f} s")
+    os.environ.update(client_settings(api_url, settings.prefect_home))
+    try:
+        yield api_url
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def reset_rehearsal_ledger(settings: Settings) -> None:
+    url = settings.ledger_url(rehearsal=True)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        for suffix in ("", "-wal", "-shm"):
+            Path(parsed.database + suffix).unlink(missing_ok=True)
+        return
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+        downgrade(engine, "base")
+    finally:
+        engine.dispose()
+
+
+def rehearse(
+    settings: Settings,
+    console: Console,
+    *,
+    waves: Sequence[str],
+    time_scale: float,
+    fail_rate: float,
+    seed: int,
+    workers: int,
+    fresh: bool,
+) -> bool:
+    """Run the estate (or some waves) through the flows; True when every host came online."""
+    the_plan = plan(load_estate(settings.inventory))
+    chosen = list(waves) or [w.name for w in the_plan.waves if w.hosts]
+    unknown = set(chosen) - {w.name for w in the_plan.waves}
+    if unknown:
+        raise ValueError(f"no such wave: {', '.join(sorted(unknown))}")
+    if fresh:
+        reset_rehearsal_ledger(settings)
+    os.environ["RESTORE_INVENTORY"] = str(settings.inventory)
+    os.environ["RESTORE_DATA_DIR"] = str(settings.data_dir)
+    with prefect_api(settings, console) as api_url:
+        console.print(f"Prefect UI: {api_url.removesuffix('/api')}/  (runs, artifacts and progress)")
+        from restore_flows.flows import EstateParameters, WaveParameters, restore_estate, restore_wave
+
+        engine = make_engine(settings.ledger_url(rehearsal=True))
+        upgrade(engine)
+        ledger = Ledger(engine)
+        try:
+            with LedgerProgress(ledger, the_plan, chosen, console):
+                if waves:
+                    results = [
+                        restore_wave(
+                            WaveParameters(
+                                wave=name,
+                                workers=workers,
+                                time_scale=time_scale,
+                                fail_rate=fail_rate,
+                                seed=seed,
+                            ),
+                            return_state=True,
+                        )
+                        for name in chosen
+                    ]
+                else:
+                    results = [
+                        restore_estate(
+                            EstateParameters(
+                                workers=workers, time_scale=time_scale, fail_rate=fail_rate, seed=seed
+                            ),
+                            return_state=True,
+                        )
+                    ]
+            _print_summary(console, ledger, the_plan, chosen)
+        finally:
+            engine.dispose()
+    for state in results:
+        console.print(f"{state.name}: {state.message}")
+    return all(state.is_completed() for state in results)
+
+
+class LedgerProgress:
+    """A bar per wave in the terminal, drawn from the rehearsal ledger (the truth), twice a second."""
+
+    def __init__(self, ledger: Ledger, the_plan: object, waves: Sequence[str], console: Console) -> None:
+        from restore_flows.planning import Plan
+
+        assert isinstance(the_plan, Plan)
+        self._ledger = ledger
+        self._members = {w: set(the_plan.wave(w).hosts) for w in waves}
+        self._progress = Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            TextColumn("{task.completed:>5.0f}/{task.total:<5.0f} online"),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self._tasks: dict[str, TaskID] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rehearsal-progress", daemon=True)
+
+    def __enter__(self) -> LedgerProgress:
+        self._progress.start()
+        for wave, members in self._members.items():
+            self._tasks[wave] = self._progress.add_task(wave, total=len(members), detail="")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._refresh()
+        self._progress.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        try:
+            states = self._ledger.states()
+        except Exception:  # the ledger is being created or migrated: try again next tick
+            return
+        for wave, members in self._members.items():
+            counts = Counter(states.get(n, HostState.COMPROMISED) for n in members)
+            failed = sum(c for s, c in counts.items() if s in FAILED or s is HostState.QUARANTINED)
+            busy = len(members) - counts[HostState.ONLINE] - counts[HostState.COMPROMISED] - failed
+            detail = f"{busy} in progress" + (f", {failed} failed" if failed else "")
+            self._progress.update(self._tasks[wave], completed=counts[HostState.ONLINE], detail=detail)
+
+
+def _print_summary(console: Console, ledger: Ledger, the_plan: object, waves: Sequence[str]) -> None:
+    from restore_flows.planning import Plan
+
+    assert isinstance(the_plan, Plan)
+    states = ledger.states()
+    table = Table(title="Rehearsal summary", title_justify="left")
+    for column in ("wave", "hosts", "online", "failed", "not started"):
+        table.add_column(column, justify="left" if column == "wave" else "right")
+    for wave in waves:
+        members = the_plan.wave(wave).hosts
+        counts = Counter(states[n] for n in members)
+        failed = sum(c for s, c in counts.items() if s in FAILED or s is HostState.QUARANTINED)
+        table.add_row(
+            wave,
+            str(len(members)),
+            str(counts[HostState.ONLINE]),
+            str(failed),
+            str(counts[HostState.COMPROMISED]),
+        )
+    console.print(table)
+    for name in sorted(states):
+        if states[name] in FAILED or states[name] is HostState.QUARANTINED:
+            history = ledger.history(name)
+            last = history.transitions[-1]
+            console.print(f"[red]{name}[/]: {states[name].value}: {last.detail or ''}")
+
+
+def up(settings: Settings, console: Console) -> None:
+    """Serve the deployments until interrupted, with a local server started if none is running."""
+    with prefect_api(settings, console) as api_url:
+        os.environ["RESTORE_INVENTORY"] = str(settings.inventory)
+        from prefect import serve
+
+        from restore_flows.serving import deployments
+
+        console.print(
+            f"[bold]Prefect UI: {api_url.removesuffix('/api')}/[/]  deployments: restore-wave, "
+            "restore-estate. Ctrl-C stops serving."
+        )
+        serve(*deployments(settings), limit=10, query_seconds=1, print_starting_message=False)

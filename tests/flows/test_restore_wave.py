@@ -1,0 +1,294 @@
+"""The restore flows against a real Prefect server, driven through its API as the UI does.
+
+One server for the session (started by the ``prefect_api`` fixture); each test serves the deployments
+from its own process with its own inventory and rehearsal ledger, creates runs the way the UI's Run
+button does, answers approval forms through the API, and checks the ledger and the artifacts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.states import Scheduled
+from sqlalchemy import select
+
+from restore_flows.ledger.db import make_engine
+from restore_flows.ledger.repository import Ledger
+from restore_flows.ledger.tables import PoolClaimRow
+from restore_flows.prefect_server import PrefectServer, stop_process_group
+from restore_flows.states import HostState
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+ESTATE = """
+waves:
+  - {name: core, services: [identity]}
+  - {name: icu, services: [icu]}
+  - {name: lab, services: [lab]}
+  - {name: rest, services: ["*"]}
+sites:
+  - {name: arl, kind: hospital}
+pools:
+  - {name: imaging-arl, capacity: 1}
+roles:
+  - {name: dc, kind: server, services: [identity]}
+  - {name: gw, kind: server, services: [icu], depends_on: [dc-01]}
+  - name: icu-ws
+    kind: workstation
+    services: [icu]
+    depends_on: [gw-01]
+    pools: {reimage: [imaging-arl]}
+  - name: lab-ws
+    kind: workstation
+    services: [lab]
+    pools: {reimage: [imaging-arl]}
+hosts:
+  - {name: dc-01, role: dc, site: arl, forensic_hold: true}
+  - {name: gw-01, role: gw, site: arl}
+  - {name: gw-02, role: gw, site: arl}
+groups:
+  - defaults: {role: icu-ws, site: arl}
+    hosts:
+      - name: ws-icu-[01:06]
+      - {name: ws-icu-07, depends_on: [gw-02]}
+  - defaults: {role: lab-ws, site: arl}
+    hosts:
+      - name: ws-lab-[01:06]
+"""
+
+
+@dataclass
+class Served:
+    """A serve process for one test, with its inventory and rehearsal ledger."""
+
+    server: PrefectServer
+    env: dict[str, str]
+    ledger_url: str
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "restore_flows.serving", "10"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process, signal.SIGTERM, 20)
+
+    def ledger(self) -> Ledger:
+        return Ledger(make_engine(self.ledger_url))
+
+
+@pytest.fixture
+def served(prefect_api: PrefectServer, tmp_path: Path) -> Iterator[Served]:
+    inventory = tmp_path / "inventory"
+    inventory.mkdir()
+    (inventory / "estate.yaml").write_text(textwrap.dedent(ESTATE))
+    ledger_url = f"sqlite:///{tmp_path / 'rehearsal.sqlite3'}"
+    env = prefect_api.client_env()
+    env.update(
+        RESTORE_INVENTORY=str(inventory),
+        RESTORE_DATA_DIR=str(tmp_path / "data"),
+        RESTORE_REHEARSAL_DATABASE_URL=ledger_url,
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("PYTHONWARNINGS", None)
+    serving = Served(prefect_api, env, ledger_url, tmp_path / "serve.log")
+    serving.start()
+    yield serving
+    serving.stop()
+
+
+def _client(server: PrefectServer) -> SyncPrefectClient:
+    os.environ.update(server.client_env({}))
+    return get_client(sync_client=True)
+
+
+def _run(served: Served, deployment: str, **params: Any) -> UUID:
+    with _client(served.server) as client:
+        found = _eventually(lambda: client.read_deployment_by_name(deployment), timeout=90)
+        run = client.create_flow_run_from_deployment(found.id, parameters={"params": params})
+        return run.id
+
+
+def _eventually(probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+    """Poll until ``probe`` returns a truthy value without raising; bounded."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+            if value:
+                return value
+        except Exception as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"not reached within {timeout} s (last error: {last!r})")
+
+
+def _final(served: Served, run_id: UUID, timeout: float = 180) -> State[Any]:
+    with _client(served.server) as client:
+        run: FlowRun = _eventually(
+            lambda: (r := client.read_flow_run(run_id)).state and r.state.is_final() and r, timeout
+        )
+        assert run.state is not None
+        return run.state
+
+
+def _latest(served: Served, key: str) -> Any:
+    with _client(served.server) as client:
+        found = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key]))
+        )
+        return found[0].data if found else None
+
+
+def test_clean_waves_with_artifacts(served: Served) -> None:
+    core = _final(served, _run(served, "restore-wave/restore-wave", wave="core"))
+    assert core.is_completed(), core.message
+    icu = _final(served, _run(served, "restore-wave/restore-wave", wave="icu"))
+    assert icu.is_completed(), icu.message
+    assert icu.message == "wave icu: all 9 host(s) online"
+    ledger = served.ledger()
+    states = ledger.states()
+    assert all(states[n] is HostState.ONLINE for n in states if n.startswith(("gw", "ws-icu", "dc")))
+    assert _latest(served, "wave-icu-progress") == 100.0
+    assert float(_latest(served, "estate-progress")) == pytest.approx(100 * 10 / 16, abs=0.1)
+    assert "all online" in _latest(served, "wave-icu-summary")
+    assert "ws-icu" not in _latest(served, "wave-icu-summary")  # no failures listed
+    assert '"site": "arl"' in _latest(served, "wave-icu-sites")
+    history = ledger.history("dc-01")
+    assert history.approvals[0].automatic
+    assert [e.run_id for e in history.evidence] == [history.transitions[1].run_id]
+
+
+def test_injected_failure_blocks_dependents_and_fails_the_run(served: Served) -> None:
+    assert _final(served, _run(served, "restore-wave/restore-wave", wave="core")).is_completed()
+    state = _final(served, _run(served, "restore-wave/restore-wave", wave="icu", broken_hosts=["gw-02"]))
+    assert state.is_failed()
+    assert state.message == "wave icu: 1 failed, 1 blocked, 7 online"
+    summary = _latest(served, "wave-icu-summary")
+    assert "| gw-02 | wipe_failed | gw-02: wipe: simulated permanent failure |" in summary
+    assert "| ws-icu-07 | blocked: gw-02 (wave icu) failed" in summary
+    ledger = served.ledger()
+    assert ledger.host("ws-icu-07").state is HostState.COMPROMISED
+    assert ledger.host("ws-icu-01").state is HostState.ONLINE
+
+
+def test_approval_through_the_api_is_recorded(served: Served) -> None:
+    run_id = _run(served, "restore-wave/restore-wave", wave="core", ask_approval=True)
+    with _client(served.server) as client:
+        paused = _eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 120)
+        assert paused
+        assert served.ledger().history("dc-01").transitions[-1].event == "enroll"  # nothing before
+        wrong = client.resume_flow_run(run_id, run_input={"approver": "", "confirm_wave": "core"})
+        assert wrong.status.value == "REJECT"  # the server checks the form
+        answer = client.resume_flow_run(
+            run_id, run_input={"approver": "Dr. Ada Osei", "confirm_wave": "core"}
+        )
+        assert answer.status.value == "ACCEPT"
+    state = _final(served, run_id)
+    assert state.is_completed(), state.message
+    approval = served.ledger().history("dc-01").approvals[0]
+    assert (approval.approver, approval.automatic) == ("Dr. Ada Osei", False)
+    assert "dc-01: evidence NOT yet registered" in approval.shown
+
+
+def test_approval_timeout_wipes_nothing(served: Served) -> None:
+    run_id = _run(
+        served, "restore-wave/restore-wave", wave="core", ask_approval=True, approval_timeout_minutes=0.05
+    )
+    state = _final(served, run_id)
+    assert state.is_failed()
+    assert state.message is not None
+    assert state.message.startswith("no approval within 0.05 minutes")
+    history = served.ledger().history("dc-01")
+    assert [t.event for t in history.transitions] == ["enroll"]
+    assert history.approvals == ()
+
+
+def test_overlapping_runs_share_the_pool_icu_first(served: Served) -> None:
+    assert _final(served, _run(served, "restore-wave/restore-wave", wave="core")).is_completed()
+    # Both waves reimage through one imaging slot; each reimage takes a moment of real time.
+    lab = _run(served, "restore-wave/restore-wave", wave="lab", time_scale=0.002, workers=8)
+    icu = _run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002, workers=8)
+    assert _final(served, icu).is_completed()
+    assert _final(served, lab).is_completed()
+    ledger = served.ledger()
+    for name, state in ledger.states().items():
+        assert state is HostState.ONLINE
+        events = [t.event for t in ledger.history(name).transitions]
+        assert events.count("start_wipe") == 1, name
+    engine = make_engine(served.ledger_url)
+    with engine.connect() as db:
+        claims = list(db.execute(select(PoolClaimRow.__table__)))
+    engine.dispose()
+    assert len(claims) == 13  # one reimage claim per workstation
+    # Whenever a slot went to a claim, no claim of higher priority (smaller number) was waiting.
+    inversions = [
+        (granted.host, waiting.host)
+        for granted in claims
+        for waiting in claims
+        if waiting.priority < granted.priority
+        and waiting.requested_at < granted.granted_at < waiting.granted_at
+    ]
+    assert inversions == []
+    waited = [c for c in claims if c.granted_at > c.requested_at + dt.timedelta(milliseconds=1)]
+    assert waited, "the pool was never contended: the test proves nothing"
+
+
+def test_killed_serve_process_resumes_without_repeating_a_wipe(served: Served) -> None:
+    assert _final(served, _run(served, "restore-wave/restore-wave", wave="core")).is_completed()
+    run_id = _run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002, workers=2)
+    ledger = served.ledger()
+
+    def midway() -> bool:
+        states = ledger.states()
+        icu = [s for n, s in states.items() if n.startswith(("gw", "ws-icu"))]
+        return any(s is HostState.ONLINE for s in icu) and any(s is not HostState.ONLINE for s in icu)
+
+    _eventually(midway, timeout=120, interval=0.05)
+    served.kill()  # the serve process and the flow run's process, SIGKILL: no clean-up at all
+    with _client(served.server) as client:
+        client.set_flow_run_state(run_id, Scheduled(message="resumed after a crash"), force=True)
+    served.start()
+    state = _final(served, run_id, timeout=240)
+    assert state.is_completed(), state.message
+    icu = [n for n in ledger.states() if n.startswith(("gw", "ws-icu"))]
+    assert len(icu) == 9
+    runs = set()
+    for name in icu:
+        history = ledger.history(name)
+        assert history.host.state is HostState.ONLINE, name
+        events = [t.event for t in history.transitions]
+        assert events.count("start_wipe") == 1, (name, events)
+        runs |= {t.run_id for t in history.transitions if t.run_id}
+    assert len(runs) == 1  # the re-run continued the same ledger run, with its approval and leases
