@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from restore_flows.drivers.fake import SimulatedFleet, stage_minutes
+from restore_flows.drivers.fake import SimulatedFleet
+from restore_flows.eta import planned_stages, stage_minutes
 from restore_flows.inventory.loader import load_estate
-from restore_flows.inventory.models import RestoreMethod, Stage
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
 from restore_flows.pipeline import PipelineSettings
@@ -81,11 +81,7 @@ def lower_bound_minutes(the_plan: Plan) -> tuple[float, float, str]:
     estate = the_plan.estate
     own: dict[str, float] = {}
     for name, host in estate.hosts.items():
-        rebuild = Stage.RESTORE if host.restore_method is RestoreMethod.BACKUP else Stage.REIMAGE
-        stages = [Stage.WIPE, rebuild, Stage.VERIFY, Stage.RELEASE]
-        if host.forensic_hold:
-            stages.insert(0, Stage.EVIDENCE)
-        own[name] = sum(stage_minutes(host, s) for s in stages)
+        own[name] = sum(stage_minutes(host, s) for s in planned_stages(host))
     finish: dict[str, float] = {}
     for wave in the_plan.waves:
         for name in wave.hosts:  # start order: dependencies first

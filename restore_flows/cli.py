@@ -26,7 +26,7 @@ from restore_flows.inventory.loader import LoadResult, load_inventory
 from restore_flows.inventory.schema import write_schema
 from restore_flows.ledger import db as ledger_db
 from restore_flows.ledger.db import SchemaError
-from restore_flows.ledger.status import history_report, status_report
+from restore_flows.ledger.status import estate_status, history_report
 from restore_flows.planning import Plan
 from restore_flows.planning import plan as make_plan
 from restore_flows.settings import Settings
@@ -221,7 +221,7 @@ def status(inventory: InventoryOption = Path("inventory"), as_json: JsonFlag = F
     """Where every host is: counts per state and percentage online, per wave, site, department, kind."""
     with _context() as context:
         the_plan = _sync(context, inventory)
-        report = status_report(context.ledger.hosts(), [w.name for w in the_plan.waves])
+        report = estate_status(context.ledger, the_plan)
         if as_json:
             json.dump(report, sys.stdout, indent=1)
             sys.stdout.write("\n")

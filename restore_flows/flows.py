@@ -43,9 +43,10 @@ from pydantic import BaseModel, Field, create_model
 from restore_flows.bootstrap import Context, load_and_sync, open_ledger
 from restore_flows.dispatch import Dispatcher, HostProgress, RunSummary, Status
 from restore_flows.drivers.fake import SimulatedFleet
+from restore_flows.eta import eta_seconds, format_eta
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
-from restore_flows.ledger.status import bucket
+from restore_flows.ledger.status import bucket, estate_status
 from restore_flows.pipeline import HostOutcome, HostPipeline, PipelineSettings
 from restore_flows.planning import Plan
 from restore_flows.settings import Settings
@@ -229,7 +230,7 @@ def _dispatch(
     fleet: SimulatedFleet,
 ) -> RunSummary:
     ledger = context.ledger
-    progress = WaveProgress(context, the_plan, params.wave)
+    progress = WaveProgress(context, the_plan, params.wave, hosts, params.workers)
     pipeline = HostPipeline(
         ledger,
         fleet,
@@ -282,10 +283,22 @@ class WaveProgress:
     Progress artifacts update in place; tables cannot, so a new version is created now and then.
     """
 
-    def __init__(self, context: Context, the_plan: Plan, wave: str, table_every: float = 30.0) -> None:
+    def __init__(
+        self,
+        context: Context,
+        the_plan: Plan,
+        wave: str,
+        hosts: list[str],
+        workers: int,
+        table_every: float = 30.0,
+    ) -> None:
         self._ledger = context.ledger
         self._plan = the_plan
         self._wave = wave
+        self._members = set(hosts)
+        self._workers = workers
+        self._started = time.monotonic()
+        self._done_here: set[str] = set()
         self._table_every = table_every
         self._lock = threading.Lock()
         states = self._ledger.states()
@@ -323,6 +336,7 @@ class WaveProgress:
             self._rows[item.host] = item
             if item.status is Status.ONLINE and item.host not in self._online:
                 self._online.add(item.host)
+                self._done_here.add(item.host)
                 self._wave_online += item.host in self._wave_hosts
                 self._estate_online += 1
             now = time.monotonic()
@@ -362,6 +376,25 @@ class WaveProgress:
         ]
         create_table_artifact(
             rows, key=f"wave-{self._wave}-sites", description=f"Wave {self._wave} per site and department"
+        )
+        create_markdown_artifact(self.eta_text(), key=f"wave-{self._wave}-eta", description="Time to finish")
+
+    def eta_text(self) -> str:
+        hosts = self._plan.estate.hosts
+        finished = {n for n, item in self._rows.items() if item.status in (Status.FAILED, Status.BLOCKED)}
+        remaining = [hosts[n] for n in self._members - self._online - finished]
+        seconds = eta_seconds(
+            [hosts[n] for n in self._done_here],
+            remaining,
+            self._plan.estate.pools,
+            self._workers,
+            time.monotonic() - self._started,
+        )
+        return (
+            f"# Wave {self._wave}: estimated time to finish: {format_eta(seconds)}\n\n"
+            f"{len(remaining)} host(s) left, {len(self._done_here)} done in this run. The estimate is the "
+            "remaining planned work of the busiest pool (or of all workers), scaled by the speed observed "
+            "so far; it improves as stages finish.\n"
         )
 
 
@@ -409,3 +442,32 @@ def restore_estate(params: EstateParameters) -> State[Any]:
         if not state.is_completed():
             return Failed(message="; ".join(results) + " - later waves were not started")
     return Completed(message="; ".join(results))
+
+
+class StatusParameters(BaseModel):
+    mode: Mode = Field(default=Mode.LIVE, description="Which ledger to report on: live or rehearsal.")
+
+
+@flow(name="restore-status", log_prints=False)
+def restore_status(params: StatusParameters) -> State[Any]:
+    """The ledger's progress as artifacts: estate progress, and per wave online %, states and ETA."""
+    settings = Settings()
+    rehearsal = params.mode is Mode.REHEARSAL
+    with open_ledger(settings, rehearsal=rehearsal, migrate=rehearsal) as context:
+        _, the_plan, _ = load_and_sync(context, settings.inventory)
+        report = estate_status(context.ledger, the_plan)
+    create_progress_artifact(
+        report["estate"]["percent"], key="estate-progress", description="Hosts of the whole estate online"
+    )
+    rows = [
+        {
+            "wave": name,
+            "online %": group["percent"],
+            "online": group["online"],
+            "total": group["total"],
+            "ETA": format_eta(group["eta_seconds"]),
+        }
+        for name, group in report["waves"].items()
+    ]
+    create_table_artifact(rows, key="estate-status", description="Per wave: online, total, ETA")
+    return Completed(message=f"{report['estate']['percent']}% of the estate online")

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from restore_flows.errors import Diagnostic, Severity
+from restore_flows.eta import format_eta
 from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.models import HostKind
 from restore_flows.planning import Plan, summarize
@@ -110,6 +111,9 @@ def status(console: Console, report: dict[str, Any]) -> None:
         table.add_column(title)
         table.add_column("% online", justify="right")
         table.add_column("total", justify="right")
+        with_eta = dimension == "waves"
+        if with_eta:
+            table.add_column("ETA", justify="right")
         for state in states:
             table.add_column(state.replace("_", " "), justify="right")
         for name, group in groups.items():
@@ -117,6 +121,7 @@ def status(console: Console, report: dict[str, Any]) -> None:
                 name,
                 f"{group['percent']:.1f}",
                 f"{group['total']:,}",
+                *([format_eta(group.get("eta_seconds"))] if with_eta else []),
                 *(f"{group['states'].get(s, 0):,}" if group["states"].get(s) else "" for s in states),
             )
         console.print(table)

@@ -12,7 +12,7 @@ from typing import Any, cast
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
-from restore_flows.flows import restore_estate, restore_wave
+from restore_flows.flows import restore_estate, restore_status, restore_wave
 from restore_flows.inventory.loader import load_estate
 from restore_flows.planning import plan
 from restore_flows.settings import Settings
@@ -45,7 +45,15 @@ def deployments(settings: Settings) -> list[RunnerDeployment]:
             tags=["restore"],
         ),
     )
-    return [wave, estate]
+    status = cast(
+        RunnerDeployment,
+        restore_status.to_deployment(
+            name="restore-status",
+            description="Progress and ETA of the estate from the ledger, as artifacts.",
+            tags=["restore"],
+        ),
+    )
+    return [wave, estate, status]
 
 
 def main() -> None:

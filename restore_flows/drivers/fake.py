@@ -1,23 +1,9 @@
 """The simulated fleet: the rehearsal stand-in for every driver, with realistic durations.
 
-Durations are minutes of real work per stage, scaled by ``time_scale`` (0 = instant; 1/60 makes a
-minute last a second). Failures are injected per stage at the given rates, drawn from a generator
-seeded by (seed, host, stage, attempt), so a rehearsal fails the same hosts whatever the thread timing.
-
-Default durations, chosen from what hospital IT teams report for a rebuild (minutes):
-
-=========  ======  ===========  ===================================================================
-stage      server  workstation  why
-=========  ======  ===========  ===================================================================
-evidence   45      20           disk image plus memory dump to the forensic store
-wipe       20      10           secure erase of SSD/NVMe, boot media replaced
-reimage    40      25           PXE boot, golden image, domain join, first-boot configuration
-restore    60      n/a          VM restore from the last clean backup (backup streams are the limit)
-verify     10      5            image id, services, EDR agent, IOC scan
-release    2       1            move from the quarantine VLAN to production
-=========  ======  ===========  ===================================================================
-
-A role or host may override them with ``durations: {stage: minutes}`` in the inventory.
+Durations are the planned minutes per stage (:mod:`restore_flows.eta`: the inventory's ``durations``
+or the documented defaults), scaled by ``time_scale`` (0 = instant; 1/60 makes a minute last a
+second). Failures are injected per stage at the given rates, drawn from a generator seeded by
+(seed, host, stage, attempt), so a rehearsal fails the same hosts whatever the thread timing.
 """
 
 from __future__ import annotations
@@ -31,25 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from restore_flows.drivers.base import DriverError, Evidence, Verification
+from restore_flows.eta import stage_minutes
 from restore_flows.inventory.estate import Host
-from restore_flows.inventory.models import HostKind, Stage
-
-DEFAULT_MINUTES: Mapping[Stage, tuple[float, float]] = {
-    Stage.EVIDENCE: (45, 20),
-    Stage.WIPE: (20, 10),
-    Stage.REIMAGE: (40, 25),
-    Stage.RESTORE: (60, 60),
-    Stage.VERIFY: (10, 5),
-    Stage.RELEASE: (2, 1),
-}
-
-
-def stage_minutes(host: Host, stage: Stage) -> float:
-    override = host.durations.get(stage)
-    if override is not None:
-        return override
-    server, workstation = DEFAULT_MINUTES[stage]
-    return server if host.kind is HostKind.SERVER else workstation
+from restore_flows.inventory.models import Stage
 
 
 @dataclass

@@ -640,6 +640,16 @@ class Ledger:
         with self._reader.connect() as db:
             return [(row.name, row.stage) for row in db.execute(query)]
 
+    def finished_attempts(self) -> list[tuple[str, str, float]]:
+        """(host, stage, seconds) of every stage attempt that succeeded: how fast work really goes."""
+        with self._reader.connect() as db:
+            rows = db.execute(
+                select(ATTEMPTS.c.host, ATTEMPTS.c.stage, ATTEMPTS.c.started_at, ATTEMPTS.c.ended_at).where(
+                    ATTEMPTS.c.outcome == "succeeded", ATTEMPTS.c.ended_at.is_not(None)
+                )
+            ).all()
+        return [(r.host, r.stage, (r.ended_at - r.started_at).total_seconds()) for r in rows]
+
     def has_evidence(self, host: str) -> bool:
         with self._reader.connect() as db:
             return self._has_evidence(db, host)

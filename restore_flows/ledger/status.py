@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from restore_flows.eta import observed_pace, wave_etas
 from restore_flows.ledger.records import History, HostRecord
+from restore_flows.ledger.repository import Ledger
+from restore_flows.planning import Plan
 from restore_flows.states import FAILED, FINAL, HostState
 
 DIMENSIONS = ("wave", "site", "department", "kind")
@@ -41,10 +44,20 @@ def _group(hosts: Iterable[HostRecord], dimension: str, order: Sequence[str] = (
     return out
 
 
-def status_report(hosts: Sequence[HostRecord], wave_order: Sequence[str]) -> dict[str, Any]:
-    """``restore status --json``: every host's state, and counts per wave, site, department, kind."""
+def status_report(
+    hosts: Sequence[HostRecord],
+    wave_order: Sequence[str],
+    etas: Mapping[str, float | None] | None = None,
+) -> dict[str, Any]:
+    """``restore status --json``: every host's state, and counts per wave, site, department, kind.
+
+    ``etas``: seconds to finish each wave at the pace observed so far (see :mod:`restore_flows.eta`).
+    """
     total = len(hosts)
     online = sum(1 for h in hosts if h.state is FINAL)
+    waves = _group(hosts, "wave", wave_order)
+    for name, group in waves.items():
+        group["eta_seconds"] = None if etas is None else etas.get(name)
     return {
         "estate": {
             "total": total,
@@ -63,7 +76,7 @@ def status_report(hosts: Sequence[HostRecord], wave_order: Sequence[str]) -> dic
             }
             for h in hosts
         },
-        "waves": _group(hosts, "wave", wave_order),
+        "waves": waves,
         "sites": _group(hosts, "site"),
         "departments": _group(hosts, "department"),
         "kinds": _group(hosts, "kind"),
@@ -134,3 +147,16 @@ def history_report(history: History) -> dict[str, Any]:
             for a in history.approvals
         ],
     }
+
+
+def estate_status(ledger: Ledger, the_plan: Plan, workers: int = 16) -> dict[str, Any]:
+    """The status report with each wave's ETA at the pace observed in the ledger's finished stages."""
+    records = ledger.hosts()
+    estate = the_plan.estate
+    remaining: dict[str, list[str]] = {w.name: [] for w in the_plan.waves}
+    for record in records:
+        if record.state is not FINAL and record.name in estate.hosts:
+            remaining.setdefault(record.wave, []).append(record.name)
+    pace = observed_pace(estate.hosts, ledger.finished_attempts())
+    etas = wave_etas(estate.hosts, estate.pools, remaining, pace, workers)
+    return status_report(records, [w.name for w in the_plan.waves], etas)

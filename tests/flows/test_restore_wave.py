@@ -8,6 +8,7 @@ button does, answers approval forms through the API, and checks the ledger and t
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -185,6 +186,17 @@ def test_clean_waves_with_artifacts(served: Served) -> None:
     assert "all online" in _latest(served, "wave-icu-summary")
     assert "ws-icu" not in _latest(served, "wave-icu-summary")  # no failures listed
     assert '"site": "arl"' in _latest(served, "wave-icu-sites")
+    assert "# Wave icu: estimated time to finish: 0 s" in _latest(served, "wave-icu-eta")
+    status = _final(served, _run(served, "restore-status/restore-status", mode="rehearsal"))
+    assert status.message == f"{round(100 * 10 / 16, 1)}% of the estate online"
+    rows = json.loads(_latest(served, "estate-status"))
+    assert [(r["wave"], r["online"], r["total"]) for r in rows][:3] == [
+        ("core", 1, 1),
+        ("icu", 9, 9),
+        ("lab", 0, 6),
+    ]
+    assert rows[1]["ETA"] == "0 s"
+    assert rows[2]["ETA"].endswith(("s", "min", "h"))  # learnt from the finished stages
     history = ledger.history("dc-01")
     assert history.approvals[0].automatic
     assert [e.run_id for e in history.evidence] == [history.transitions[1].run_id]

@@ -48,6 +48,7 @@ def test_status_history_evidence_decide(restore: CliRunner) -> None:
     assert list(status["waves"])[:4] == ["core", "icu", "lab", "radiology"]
     assert status["waves"]["icu"]["total"] == sum(1 for h in status["hosts"].values() if h["wave"] == "icu")
     assert status["waves"]["icu"]["percent"] == 0.0
+    assert status["waves"]["icu"]["eta_seconds"] is None  # nothing finished yet to learn the pace
     assert "enrolled 1700 new host(s)" in result.stderr
 
     result = _run(restore, "status")
