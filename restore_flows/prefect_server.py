@@ -152,10 +152,25 @@ def stop_process_group(
             pass
 
 
+def drain_clients(timeout: float = 30.0) -> None:
+    """Send this process's pending Prefect logs and events now, while the server still listens.
+
+    Prefect drains them at interpreter exit; if the server is gone by then, the exit waits on retries.
+    """
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout)
+    EventsWorker.drain_all(timeout=timeout)
+
+
 @contextmanager
 def running_server(home: Path, **kwargs: object) -> Iterator[PrefectServer]:
     server = start_server(home, **kwargs)  # type: ignore[arg-type]
     try:
         yield server
     finally:
+        drain_clients()
         server.stop()

@@ -7,6 +7,7 @@ time unless asked to continue, so that a rehearsal never marks a real host onlin
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,13 @@ from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import downgrade, make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import plan
-from restore_flows.prefect_server import PrefectServer, client_settings, is_healthy, start_server
+from restore_flows.prefect_server import (
+    PrefectServer,
+    client_settings,
+    drain_clients,
+    is_healthy,
+    start_server,
+)
 from restore_flows.settings import Settings
 from restore_flows.states import FAILED, HostState
 
@@ -49,6 +56,7 @@ def prefect_api(settings: Settings, console: Console) -> Iterator[str]:
         yield api_url
     finally:
         if server is not None:
+            drain_clients()
             server.stop()
 
 
@@ -88,6 +96,8 @@ def rehearse(
         reset_rehearsal_ledger(settings)
     os.environ["RESTORE_INVENTORY"] = str(settings.inventory)
     os.environ["RESTORE_DATA_DIR"] = str(settings.data_dir)
+    # The terminal shows the progress bars; Prefect's per-task lines (still in the UI) would bury them.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     with prefect_api(settings, console) as api_url:
         console.print(f"Prefect UI: {api_url.removesuffix('/api')}/  (runs, artifacts and progress)")
         from restore_flows.flows import EstateParameters, WaveParameters, restore_estate, restore_wave
@@ -208,6 +218,11 @@ def _print_summary(console: Console, ledger: Ledger, the_plan: object, waves: Se
 
 def up(settings: Settings, console: Console) -> None:
     """Serve the deployments until interrupted, with a local server started if none is running."""
+
+    def interrupt(_signal: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (a service manager) stops like Ctrl-C: server stopped too
+
+    signal.signal(signal.SIGTERM, interrupt)
     with prefect_api(settings, console) as api_url:
         os.environ["RESTORE_INVENTORY"] = str(settings.inventory)
         from prefect import serve
