@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import downgrade, make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
-from restore_flows.planning import plan
+from restore_flows.planning import Plan, plan
 from restore_flows.prefect_server import (
     PrefectServer,
     client_settings,
@@ -141,10 +141,7 @@ def rehearse(
 class LedgerProgress:
     """A bar per wave in the terminal, drawn from the rehearsal ledger (the truth), twice a second."""
 
-    def __init__(self, ledger: Ledger, the_plan: object, waves: Sequence[str], console: Console) -> None:
-        from restore_flows.planning import Plan
-
-        assert isinstance(the_plan, Plan)
+    def __init__(self, ledger: Ledger, the_plan: Plan, waves: Sequence[str], console: Console) -> None:
         self._ledger = ledger
         self._members = {w: set(the_plan.wave(w).hosts) for w in waves}
         self._progress = Progress(
@@ -189,10 +186,7 @@ class LedgerProgress:
             self._progress.update(self._tasks[wave], completed=counts[HostState.ONLINE], detail=detail)
 
 
-def _print_summary(console: Console, ledger: Ledger, the_plan: object, waves: Sequence[str]) -> None:
-    from restore_flows.planning import Plan
-
-    assert isinstance(the_plan, Plan)
+def _print_summary(console: Console, ledger: Ledger, the_plan: Plan, waves: Sequence[str]) -> None:
     states = ledger.states()
     table = Table(title="Rehearsal summary", title_justify="left")
     for column in ("wave", "hosts", "online", "failed", "not started"):
