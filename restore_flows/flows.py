@@ -293,6 +293,7 @@ class WaveProgress:
         table_every: float = 30.0,
     ) -> None:
         self._ledger = context.ledger
+        self._logger = get_run_logger()
         self._plan = the_plan
         self._wave = wave
         self._members = set(hosts)
@@ -332,6 +333,9 @@ class WaveProgress:
         return round(100.0 * part / whole, 1) if whole else 100.0
 
     def changed(self, item: HostProgress) -> None:
+        if item.status in (Status.WAITING, Status.BLOCKED) and item.reason:
+            # Engineers read why a host is not moving in the run's logs: "ws-x: waiting for dc-y ...".
+            self._logger.info("%s: %s", item.host, item.reason)
         with self._lock:
             self._rows[item.host] = item
             if item.status is Status.ONLINE and item.host not in self._online:

@@ -23,7 +23,12 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactCollectionFilter,
+    ArtifactCollectionFilterKey,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import Scheduled
 from sqlalchemy import select
@@ -204,8 +209,16 @@ def test_clean_waves_with_artifacts(served: Served) -> None:
 
 def test_injected_failure_blocks_dependents_and_fails_the_run(served: Served) -> None:
     assert _final(served, _run(served, "restore-wave/restore-wave", wave="core")).is_completed()
-    state = _final(served, _run(served, "restore-wave/restore-wave", wave="icu", broken_hosts=["gw-02"]))
+    run_id = _run(served, "restore-wave/restore-wave", wave="icu", broken_hosts=["gw-02"])
+    state = _final(served, run_id)
     assert state.is_failed()
+    with _client(served.server) as client:
+        # Engineers see in the run's logs why a host did not move.
+        def logged() -> bool:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            return any(log.message.startswith("ws-icu-07: blocked: gw-02 (wave icu) failed") for log in logs)
+
+        assert _eventually(logged, timeout=30)
     assert state.message == "wave icu: 1 failed, 1 blocked, 7 online"
     summary = _latest(served, "wave-icu-summary")
     assert "| gw-02 | wipe_failed | gw-02: wipe: simulated permanent failure |" in summary
