@@ -212,8 +212,6 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     for arg in _flatten(annotation):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             found.append(arg)
-        elif typing.get_origin(arg) in (list, tuple, dict, set):
-            continue
     return found
 
 
