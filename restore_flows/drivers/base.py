@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from restore_flows.errors import RestoreError
@@ -71,3 +72,72 @@ class Fleet(Protocol):
         Resume asks this instead of repeating the stage; ``False`` hands the host to an operator.
         """
         ...
+
+
+# --- Capabilities: the real fleet composes one driver per capability, chosen per host in the inventory ---
+
+
+class PowerState(StrEnum):
+    ON = "on"
+    OFF = "off"
+    POWERING_ON = "powering_on"
+    POWERING_OFF = "powering_off"
+
+
+class BootDevice(StrEnum):
+    PXE = "pxe"
+    CD = "cd"
+    DISK = "disk"
+
+
+class PowerDriver(Protocol):
+    """Power and boot of one host through its management controller (``RedfishPower``, ``FakePower``).
+
+    Every call waits until the controller shows the change or raises :class:`DriverTimeout`.
+    """
+
+    def power_state(self, host: Host) -> PowerState: ...
+
+    def power_on(self, host: Host) -> None: ...
+
+    def power_off(self, host: Host) -> None:
+        """Graceful shutdown, falling back to a forced power-off when the OS does not comply."""
+        ...
+
+    def boot_once(self, host: Host, device: BootDevice) -> None:
+        """Boot from ``device`` on the next start only."""
+        ...
+
+    def power_cycle(self, host: Host) -> None:
+        """Off (forced: the disk is about to be wiped or reimaged) then on."""
+        ...
+
+    def insert_media(self, host: Host, image_url: str) -> None: ...
+
+    def eject_media(self, host: Host) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    exit_status: int
+    stdout: str
+    stderr: str
+    truncated: bool = False
+    """Output beyond the driver's capture limit was dropped."""
+
+
+class ShellDriver(Protocol):
+    """A remote shell on one host (``ParamikoShell``, ``FakeShell``). Hosts are Windows with OpenSSH and
+    PowerShell; commands are built with :func:`restore_flows.drivers.commands.render`, which quotes."""
+
+    def run(self, host: Host, command: str, *, timeout: float) -> CommandResult: ...
+
+    def pin_host_key(self, host: Host, host_key: str) -> None:
+        """Trust ``host_key`` ('ssh-ed25519 AAAA...') for ``host`` from now on, replacing the old one.
+
+        Only ever called with a key from a trusted source (the deployment server's report), never with
+        what the host itself presents.
+        """
+        ...
+
+    def close(self) -> None: ...
