@@ -143,6 +143,10 @@ class Ssh(_Strict):
     )
     known_hosts: str | None = Field(default=None, description="Path of a known_hosts file to pin from.")
     key_secret: SecretName | None = Field(default=None, description="Name of the private key secret.")
+    shell: Literal["powershell", "posix"] = Field(
+        default="powershell",
+        description="The host's command language: PowerShell (Windows) or a POSIX shell (Linux appliances).",
+    )
 
 
 class Drivers(_Strict):
