@@ -1,4 +1,5 @@
-"""The simulated fleet: the rehearsal stand-in for every driver, with realistic durations.
+"""The fakes: the simulated fleet (the rehearsal stand-in for every driver, with realistic durations),
+and one fake per capability driver for unit tests.
 
 Durations are the planned minutes per stage (:mod:`restore_flows.eta`: the inventory's ``durations``
 or the documented defaults), scaled by ``time_scale`` (0 = instant; 1/60 makes a minute last a
@@ -16,7 +17,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from restore_flows.drivers.base import DriverError, Evidence, Verification
+from restore_flows.drivers.base import (
+    BootDevice,
+    CommandResult,
+    DriverError,
+    Evidence,
+    PowerState,
+    Verification,
+)
 from restore_flows.eta import stage_minutes
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
@@ -83,3 +91,84 @@ class SimulatedFleet:
 
     def _draw(self, host: Host, stage: Stage, attempt: int, purpose: str) -> float:
         return random.Random(f"{self.seed}:{host.name}:{stage.value}:{attempt}:{purpose}").random()
+
+
+@dataclass
+class FakePower:
+    """Stands in for :class:`~restore_flows.drivers.redfish.RedfishPower`: power and boot in memory.
+
+    ``broken`` hosts raise on every call, as a BMC that cannot be reached would.
+    """
+
+    states: dict[str, PowerState] = field(default_factory=dict)
+    boot_override: dict[str, BootDevice] = field(default_factory=dict)
+    media: dict[str, str] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)
+    on_power_cycle: Callable[[Host, BootDevice | None], None] | None = None
+    """Called after a power cycle with the one-time boot device it consumed (the PXE hook)."""
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def power_state(self, host: Host) -> PowerState:
+        self._call(host, "power_state")
+        return self.states.get(host.name, PowerState.ON)
+
+    def power_on(self, host: Host) -> None:
+        self._call(host, "power_on")
+        self.states[host.name] = PowerState.ON
+
+    def power_off(self, host: Host) -> None:
+        self._call(host, "power_off")
+        self.states[host.name] = PowerState.OFF
+
+    def boot_once(self, host: Host, device: BootDevice) -> None:
+        self._call(host, f"boot_once {device.value}")
+        self.boot_override[host.name] = device
+
+    def power_cycle(self, host: Host) -> None:
+        self._call(host, "power_cycle")
+        self.states[host.name] = PowerState.ON
+        device = self.boot_override.pop(host.name, None)
+        if self.on_power_cycle is not None:
+            self.on_power_cycle(host, device)
+
+    def insert_media(self, host: Host, image_url: str) -> None:
+        self._call(host, "insert_media")
+        self.media[host.name] = image_url
+
+    def eject_media(self, host: Host) -> None:
+        self._call(host, "eject_media")
+        self.media.pop(host.name, None)
+
+    def _call(self, host: Host, what: str) -> None:
+        self.calls.append((host.name, what))
+        if host.name in self.broken:
+            raise DriverError(host.name, Stage.REIMAGE, f"simulated unreachable BMC during {what}")
+
+
+@dataclass
+class FakeShell:
+    """Stands in for :class:`~restore_flows.drivers.ssh.ParamikoShell`: scripted answers per command.
+
+    ``responders`` are tried in order with (host, command line); the first that returns a result answers.
+    A command nobody answers exits 127, as a missing program would. Every command is kept in ``commands``.
+    """
+
+    responders: list[Callable[[Host, str], CommandResult | None]] = field(default_factory=list)
+    host_keys: dict[str, str] = field(default_factory=dict)
+    commands: list[tuple[str, str]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def run(self, host: Host, command: str, *, timeout: float) -> CommandResult:
+        with self._lock:
+            self.commands.append((host.name, command))
+        for responder in self.responders:
+            result = responder(host, command)
+            if result is not None:
+                return result
+        return CommandResult(127, "", f"fake shell: no answer for {command!r}")
+
+    def pin_host_key(self, host: Host, host_key: str) -> None:
+        self.host_keys[host.name] = host_key
+
+    def close(self) -> None:
+        pass
