@@ -27,7 +27,22 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, and_, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.sql.dml import Update
 
 from restore_flows.errors import LeaseHeld, LeaseLost, SafetyViolation, UnknownHost
 from restore_flows.inventory.estate import Estate
@@ -63,6 +78,7 @@ from restore_flows.states import (
     HostState,
     advance,
 )
+from restore_flows.states import TRANSITIONS as TRANSITIONS_TABLE
 
 Clock = Callable[[], dt.datetime]
 
@@ -122,6 +138,10 @@ class Ledger:
         self._reader = engine.execution_options(**READ_ONLY)
         self._clock = clock
         self.slots = Slots(engine, clock)
+        # The state of each host this process holds a lease on, keyed by the lease's fencing token.
+        # Only the holder of a token can change the host, so while the token is valid this is the
+        # database's state; a write under a stale token fails its guard and takes the slow path.
+        self._held: dict[tuple[str, str, int], HostState] = {}
 
     def now(self) -> dt.datetime:
         """The ledger's clock (leases and records are stamped with it)."""
@@ -374,6 +394,7 @@ class Ledger:
         # A run works a host from one acquire to its release, so a stage found running at acquire
         # time was left by a lost worker: another run, or this same run before a crash and resume.
         interrupted = STAGE_OF_STATE.get(state)
+        self._held[(host, run_id, int(result.lease_token))] = state
         return Lease(host, run_id, int(result.lease_token), expires, state, interrupted)
 
     def renew(self, lease: Lease, seconds: float) -> Lease:
@@ -387,6 +408,7 @@ class Ledger:
 
     def release(self, lease: Lease) -> None:
         """Give the lease back. Harmless if it was already lost."""
+        self._held.pop((lease.host, lease.run_id, lease.token), None)
         with self._engine.begin() as db:
             db.execute(
                 update(HOSTS)
@@ -413,7 +435,28 @@ class Ledger:
         if event in OPERATOR_ONLY:
             raise SafetyViolation(f"'{event.value}' is an operator's decision, not a run's")
         now = self._clock()
+        key = (lease.host, lease.run_id, lease.token)
+        known = self._held.get(key)
+        target = TRANSITIONS_TABLE.get((known, event)) if known is not None else None
+        if event is Event.START_WIPE and known in CLEAN:
+            target = None  # refused on the slow path, with the rule's own words
         with self._engine.begin() as db:
+            if known is not None and target is not None:
+                params = {
+                    "host": lease.host,
+                    "run": lease.run_id,
+                    "token": lease.token,
+                    "now": now,
+                    "from_state": known.value,
+                    "to_state": target.value,
+                }
+                if db.execute(_fast_update(event, target), params).rowcount == 1:
+                    self._log(db, lease.host, known, event, target, lease.run_id, actor, detail, error, now)
+                    self._held[key] = target
+                    return target
+            # The slow path: the first change in this process under this lease, or one the guarded
+            # UPDATE refused; reading the row tells which rule or lease problem to report.
+            self._held.pop(key, None)
             row = self._host_row(db, lease.host)
             if not (
                 row.lease_run == lease.run_id
@@ -435,6 +478,7 @@ class Ledger:
                 guard=_holds(lease, now),
                 host_row=row,
             )
+        self._held[key] = change.to_state
         return change.to_state
 
     def operator_event(self, host: str, event: Event, *, actor: str, reason: str | None) -> HostState:
@@ -495,46 +539,51 @@ class Ledger:
             raise LeaseLost(
                 f"host {host} changed under this writer (expected state {state.value}); nothing recorded"
             )
+        self._log(db, host, state, event, target, run_id, actor, detail, error, now)
+        return _Change(host, state, target)
+
+    @staticmethod
+    def _log(
+        db: Connection,
+        host: str,
+        state: HostState,
+        event: Event,
+        target: HostState,
+        run_id: str | None,
+        actor: str,
+        detail: str | None,
+        error: str | None,
+        now: dt.datetime,
+    ) -> None:
+        """The transition log row and the attempt it opens or closes, in the state change's transaction."""
         db.execute(
-            insert(TRANSITIONS).values(
-                host=host,
-                from_state=state.value,
-                event=event.value,
-                to_state=target.value,
-                run_id=run_id,
-                actor=actor,
-                at=now,
-                detail=detail if error is None else f"{detail + ': ' if detail else ''}{error}",
-            )
+            _LOG_TRANSITION,
+            {
+                "host": host,
+                "from_state": state.value,
+                "event": event.value,
+                "to_state": target.value,
+                "run_id": run_id,
+                "actor": actor,
+                "at": now,
+                "detail": detail if error is None else f"{detail + ': ' if detail else ''}{error}",
+            },
         )
         if event in STARTS:
-            stage = STARTS[event]
-            number = db.execute(
-                select(func.coalesce(func.max(ATTEMPTS.c.number), 0)).where(
-                    ATTEMPTS.c.host == host, ATTEMPTS.c.stage == stage
-                )
-            ).scalar_one()
             db.execute(
-                insert(ATTEMPTS).values(
-                    host=host,
-                    stage=stage,
-                    number=int(number) + 1,
-                    run_id=run_id,
-                    started_at=now,
-                    outcome="running",
-                )
+                _OPEN_ATTEMPT, {"b_host": host, "b_stage": STARTS[event], "b_run_id": run_id, "b_now": now}
             )
         elif event in OUTCOMES and state in STAGE_OF_STATE:
             db.execute(
-                update(ATTEMPTS)
-                .where(
-                    ATTEMPTS.c.host == host,
-                    ATTEMPTS.c.stage == STAGE_OF_STATE[state],
-                    ATTEMPTS.c.ended_at.is_(None),
-                )
-                .values(ended_at=now, outcome=OUTCOMES[event], error=error)
+                _CLOSE_ATTEMPT,
+                {
+                    "b_host": host,
+                    "b_stage": STAGE_OF_STATE[state],
+                    "b_now": now,
+                    "b_outcome": OUTCOMES[event],
+                    "b_error": error,
+                },
             )
-        return _Change(host, state, target)
 
     def _check_rules(self, db: Connection, row: Any, event: Event, run_id: str | None) -> None:
         host = row.name
@@ -698,6 +747,69 @@ class Ledger:
             f"run {lease.run_id}'s lease on {lease.host} expired at {_iso(row.lease_expires)}: "
             "nothing recorded"
         )
+
+
+# Statements on the hot path, built once: building SQLAlchemy constructs per call cost more than the
+# database work itself. Values are bound per call.
+_LOG_TRANSITION = insert(TRANSITIONS)
+# One statement: the next attempt number is computed in the INSERT (an aggregate without GROUP BY
+# always yields one row), so opening an attempt is a single round trip.
+_OPEN_ATTEMPT = insert(ATTEMPTS).from_select(
+    ["host", "stage", "number", "run_id", "started_at", "outcome"],
+    select(
+        bindparam("b_host", type_=ATTEMPTS.c.host.type),
+        bindparam("b_stage", type_=ATTEMPTS.c.stage.type),
+        func.coalesce(func.max(ATTEMPTS.c.number), 0) + 1,
+        bindparam("b_run_id", type_=ATTEMPTS.c.run_id.type),
+        bindparam("b_now", type_=ATTEMPTS.c.started_at.type),
+        literal("running", type_=ATTEMPTS.c.outcome.type),
+    ).where(ATTEMPTS.c.host == bindparam("b_host"), ATTEMPTS.c.stage == bindparam("b_stage")),
+)
+_CLOSE_ATTEMPT = (
+    update(ATTEMPTS)
+    .where(
+        ATTEMPTS.c.host == bindparam("b_host"),
+        ATTEMPTS.c.stage == bindparam("b_stage"),
+        ATTEMPTS.c.ended_at.is_(None),
+    )
+    .values(
+        ended_at=bindparam("b_now", type_=ATTEMPTS.c.ended_at.type),
+        outcome=bindparam("b_outcome"),
+        error=bindparam("b_error"),
+    )
+)
+_FAST_UPDATES: dict[tuple[Event, bool], Update] = {}
+
+
+def _fast_update(event: Event, target: HostState) -> Update:
+    """A run's state change as one guarded UPDATE: the lease, the expected state and the event's safety
+    rules are all in its WHERE clause, so nothing needs to be read first. It matches no row when
+    anything is wrong; the caller then reads the row to say what."""
+    key = (event, target is HostState.VERIFIED_CLEAN)
+    statement = _FAST_UPDATES.get(key)
+    if statement is not None:
+        return statement
+    host = HOSTS.c.name == bindparam("host")
+    rules: list[Any] = [
+        host,
+        HOSTS.c.state == bindparam("from_state"),
+        HOSTS.c.lease_run == bindparam("run"),
+        HOSTS.c.lease_token == bindparam("token"),
+        HOSTS.c.lease_expires > bindparam("now"),
+    ]
+    has_evidence = exists().where(EVIDENCE.c.host == HOSTS.c.name)
+    if event is Event.START_WIPE:
+        rules += [HOSTS.c.clean == false(), or_(HOSTS.c.forensic_hold == false(), has_evidence)]
+    if event is Event.EVIDENCE_CAPTURED:
+        rules.append(has_evidence)
+    if event in DESTRUCTIVE:
+        rules.append(exists().where(APPROVED.c.run_id == bindparam("run"), APPROVED.c.host == HOSTS.c.name))
+    values: dict[str, Any] = {"state": bindparam("to_state"), "updated_at": bindparam("now")}
+    if target is HostState.VERIFIED_CLEAN:
+        values["clean"] = True
+    statement = update(HOSTS).where(*rules).values(**values)
+    _FAST_UPDATES[key] = statement
+    return statement
 
 
 def _holds(lease: Lease, now: dt.datetime) -> Any:
