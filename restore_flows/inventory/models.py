@@ -159,11 +159,16 @@ class Drivers(_Strict):
     network: Literal["command", "http", "fake"] | None = None
 
 
+# Command templates below are run in the host's shell language (``ssh.shell``) with ``{name}``
+# placeholders quoted for it; without a command, a check uses the default for that language.
+_COMMAND = "Command template, run over SSH; {host}, {image} and the check's own fields can be used."
+
+
 class CommandCheck(_Strict):
     type: Literal["command"]
-    command: str
+    command: str = Field(description=_COMMAND)
     expect_exit: int = 0
-    output_pattern: str | None = None
+    output_pattern: str | None = Field(default=None, description="Regular expression stdout must match.")
     timeout: Annotated[float, Field(gt=0)] = 60
 
 
@@ -175,30 +180,47 @@ class TcpPortCheck(_Strict):
 
 class HttpCheck(_Strict):
     type: Literal["http"]
-    url: str
+    url: str = Field(description="URL to GET; '{address}' is replaced by the host's address.")
     status: Annotated[int, Field(ge=100, le=599)] = 200
-    body_pattern: str | None = None
+    body_pattern: str | None = Field(default=None, description="Regular expression the body must match.")
     timeout: Annotated[float, Field(gt=0)] = 10
 
 
 class WindowsServiceCheck(_Strict):
+    """The service must be running (on a POSIX host: the systemd unit must be active)."""
+
     type: Literal["windows_service"]
     service: str
+    command: str | None = Field(default=None, description=_COMMAND)
+    timeout: Annotated[float, Field(gt=0)] = 30
 
 
 class GoldenImageCheck(_Strict):
+    """The host must report the golden image id the inventory expects."""
+
     type: Literal["golden_image"]
+    command: str | None = Field(default=None, description=_COMMAND + " Prints the image id.")
+    timeout: Annotated[float, Field(gt=0)] = 30
 
 
 class EdrAgentCheck(_Strict):
+    """The EDR agent must be installed and running (Microsoft Defender for Endpoint: service 'Sense')."""
+
     type: Literal["edr_agent"]
+    service: str = "Sense"
+    command: str | None = Field(default=None, description=_COMMAND)
+    timeout: Annotated[float, Field(gt=0)] = 30
 
 
 class IocScanCheck(_Strict):
-    """A finding sends the host to quarantine, not online."""
+    """A finding sends the host to quarantine, not online.
+
+    The command prints one finding per line and exits 0; no output means nothing was found; another
+    exit status means the scan itself failed (a failed check, not a finding).
+    """
 
     type: Literal["ioc_scan"]
-    command: str | None = None
+    command: str | None = Field(default=None, description=_COMMAND)
     timeout: Annotated[float, Field(gt=0)] = 900
 
 
