@@ -25,6 +25,7 @@ from restore_flows.drivers.base import (
     PowerState,
     Verification,
 )
+from restore_flows.drivers.deployment import DeploymentStatus, Phase
 from restore_flows.eta import stage_minutes
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
@@ -172,3 +173,61 @@ class FakeShell:
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class FakeDeployment:
+    """Stands in for :class:`~restore_flows.drivers.deployment.DeploymentServerClient`, and is the state
+    behind the test deployment server: a host with a job that boots from the network is wiped and gets
+    its image and a new host key (from ``new_host_key``, which the test peer uses to re-key its sshd)."""
+
+    new_host_key: Callable[[str], str] = lambda host: f"ssh-ed25519 FAKE-{host}"
+    installed_image: Callable[[str, str], str] = lambda host, image: image
+    """Which image an install really puts on the host (tests make it differ)."""
+    fail: set[str] = field(default_factory=set)
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    _jobs: dict[str, dict[str, str | None]] = field(default_factory=dict, init=False)
+    _status: dict[str, DeploymentStatus] = field(default_factory=dict, init=False)
+    _count: int = field(default=0, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def assign(self, host: str, image: str, mac: str | None) -> str:
+        with self._lock:
+            self._count += 1
+            job = f"job-{self._count}"
+            self._jobs[host] = {"job": job, "image": image, "mac": mac}
+            self._status[host] = DeploymentStatus(host, job, Phase.ASSIGNED, None, None, self.clock())
+            return job
+
+    def status(self, host: str) -> DeploymentStatus | None:
+        with self._lock:
+            return self._status.get(host)
+
+    def network_boot(self, host: str) -> bool:
+        """The host booted from the network: run its job, if it has one. Returns whether it had."""
+        with self._lock:
+            job = self._jobs.pop(host, None)
+        if job is None:
+            return False
+        job_id, image = str(job["job"]), str(job["image"])
+        if host in self.fail:
+            self._set(host, job_id, Phase.FAILED, error="simulated install failure")
+            return True
+        self._set(host, job_id, Phase.WIPING)
+        self._set(host, job_id, Phase.WIPED)
+        self._set(host, job_id, Phase.INSTALLING)
+        installed = self.installed_image(host, image)
+        self._set(host, job_id, Phase.INSTALLED, installed, self.new_host_key(host))
+        return True
+
+    def _set(
+        self,
+        host: str,
+        job: str,
+        phase: Phase,
+        image: str | None = None,
+        key: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self._lock:
+            self._status[host] = DeploymentStatus(host, job, phase, image, key, self.clock(), error)

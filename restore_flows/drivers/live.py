@@ -1,0 +1,207 @@
+"""The real fleet: each stage composed from one driver per capability, chosen per host.
+
+* wipe: the deployment server gets a new job for the host's golden image, the BMC is told to boot once
+  from the network and power-cycles the host; the stage ends when the server reports the disk wiped.
+* reimage: the same job goes on to install; the stage ends when the server reports the expected image,
+  and the new SSH host key from the server's report is pinned (never the key the host presents).
+* verify: every check of the host (:mod:`restore_flows.drivers.checks`).
+* restore from backup and network release: command templates run over SSH on a management host.
+* evidence: taken by the forensic team and registered by hand (``restore evidence add``); a live run
+  never images a disk for forensics on its own.
+
+Every call has a timeout (:class:`LiveSettings`); a failure is a :class:`DriverError` naming host,
+stage and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from restore_flows.drivers.base import (
+    BootDevice,
+    DriverError,
+    Evidence,
+    PowerDriver,
+    ShellDriver,
+    Verification,
+)
+from restore_flows.drivers.commands import Dialect, command_line, render
+from restore_flows.drivers.deployment import PROGRESS, Deployment, DeploymentStatus, Phase, wait_for_phase
+from restore_flows.inventory.estate import Host
+from restore_flows.inventory.models import Stage
+
+
+class Verifier(Protocol):
+    def verify(self, host: Host) -> Verification: ...
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    wipe_timeout: float = 3600.0
+    install_timeout: float = 7200.0
+    poll_seconds: float = 10.0
+    management_host: str | None = None
+    """Inventory name of the host that runs backup restores and network releases."""
+    backup_command: str | None = None
+    """Template run on the management host to restore a VM server from backup ({host}, {address}, {mac})."""
+    release_command: str | None = None
+    """Template run on the management host to move a host from the quarantine VLAN to production."""
+    command_timeout: float = 1800.0
+
+
+@dataclass
+class LiveFleet:
+    power: Mapping[str, PowerDriver]
+    """Power drivers by the names the inventory uses (``drivers.power``): 'redfish', 'fake'."""
+    shell: ShellDriver
+    deployment: Deployment | None
+    checks: Verifier
+    hosts: Mapping[str, Host]
+    settings: LiveSettings = field(default_factory=LiveSettings)
+    clock: Callable[[], float] = time.monotonic
+    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    sleep: Callable[[float], None] = time.sleep
+    _jobs: dict[str, str] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def capture_evidence(self, host: Host) -> Evidence:
+        raise DriverError(
+            host.name,
+            Stage.EVIDENCE,
+            "a live run does not image disks for forensics: the forensic team registers its evidence "
+            f"with 'restore evidence add {host.name} ...', then the host can be wiped",
+            retryable=False,
+        )
+
+    def wipe(self, host: Host) -> None:
+        image = self._image(host, Stage.WIPE)
+        power = self._power(host, Stage.WIPE)
+        deployment = self._deployment(host, Stage.WIPE)
+        job = deployment.assign(host.name, image, host.mac)
+        with self._lock:
+            self._jobs[host.name] = job
+        power.boot_once(host, BootDevice.PXE)
+        power.power_cycle(host)
+        self._wait(deployment, host, Phase.WIPED, Stage.WIPE, self.settings.wipe_timeout, job=job)
+
+    def reimage(self, host: Host) -> None:
+        image = self._image(host, Stage.REIMAGE)
+        deployment = self._deployment(host, Stage.REIMAGE)
+        with self._lock:
+            job = self._jobs.get(host.name)
+        if job is None:
+            # This process did not start the wipe (a resumed run): the server's latest job is the one
+            # that wiped the host, if it is past its wipe.
+            latest = deployment.status(host.name)
+            if latest is None or PROGRESS[latest.phase] < PROGRESS[Phase.WIPED]:
+                raise DriverError(
+                    host.name,
+                    Stage.REIMAGE,
+                    "the deployment server has no wiped job for this host",
+                    retryable=False,
+                )
+            job = latest.job
+        status = self._wait(
+            deployment, host, Phase.INSTALLED, Stage.REIMAGE, self.settings.install_timeout, job=job
+        )
+        self._accept_install(host, image, status)
+
+    def restore_backup(self, host: Host) -> None:
+        self._management(host, Stage.RESTORE, self.settings.backup_command, "backup_command")
+
+    def verify(self, host: Host) -> Verification:
+        return self.checks.verify(host)
+
+    def release(self, host: Host) -> None:
+        self._management(host, Stage.RELEASE, self.settings.release_command, "release_command")
+
+    def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
+        if stage not in (Stage.WIPE, Stage.REIMAGE) or self.deployment is None:
+            return False  # no fact shows these finished: an operator decides, or the stage is redone
+        status = self.deployment.status(host.name)
+        if status is None or status.changed_at < started_at or status.phase is Phase.FAILED:
+            return False
+        if stage is Stage.WIPE:
+            return PROGRESS[status.phase] >= PROGRESS[Phase.WIPED]
+        if status.phase is not Phase.INSTALLED or not host.golden_image:
+            return False
+        self._accept_install(host, host.golden_image, status)
+        return True
+
+    # -- parts -----------------------------------------------------------------------------------------
+
+    def _accept_install(self, host: Host, image: str, status: DeploymentStatus) -> None:
+        if status.image_id != image:
+            raise DriverError(
+                host.name,
+                Stage.REIMAGE,
+                f"deployment server installed image {status.image_id!r}, the inventory expects {image!r}",
+                retryable=False,
+            )
+        if not status.host_key:
+            raise DriverError(
+                host.name,
+                Stage.REIMAGE,
+                "deployment server did not report the new SSH host key: nothing trusted to pin",
+                retryable=False,
+            )
+        self.shell.pin_host_key(host, status.host_key)
+
+    def _wait(
+        self, deployment: Deployment, host: Host, phase: Phase, stage: Stage, timeout: float, *, job: str
+    ) -> DeploymentStatus:
+        return wait_for_phase(
+            deployment,
+            host.name,
+            phase,
+            job=job,
+            stage=stage,
+            timeout=timeout,
+            poll=self.settings.poll_seconds,
+            clock=self.clock,
+            sleep=self.sleep,
+        )
+
+    def _image(self, host: Host, stage: Stage) -> str:
+        if not host.golden_image:
+            raise DriverError(host.name, stage, "no golden_image in the inventory", retryable=False)
+        return host.golden_image
+
+    def _power(self, host: Host, stage: Stage) -> PowerDriver:
+        name = host.drivers.power or ("redfish" if host.bmc else "none")
+        driver = self.power.get(name)
+        if driver is None:
+            raise DriverError(
+                host.name, stage, f"no power driver {name!r} for this host (give it a bmc)", retryable=False
+            )
+        return driver
+
+    def _deployment(self, host: Host, stage: Stage) -> Deployment:
+        if self.deployment is None:
+            raise DriverError(host.name, stage, "no deployment server is configured", retryable=False)
+        return self.deployment
+
+    def _management(self, host: Host, stage: Stage, template: str | None, setting: str) -> None:
+        manager = self.hosts.get(self.settings.management_host or "")
+        if template is None or manager is None:
+            raise DriverError(
+                host.name,
+                stage,
+                f"no {setting} and management host configured for {stage.value}",
+                retryable=False,
+            )
+        dialect = Dialect(manager.ssh.shell) if manager.ssh else Dialect.POWERSHELL
+        params = {"host": host.name, "address": host.address or "", "mac": host.mac or ""}
+        line = command_line(render(template, dialect, params), dialect)
+        result = self.shell.run(manager, line, timeout=self.settings.command_timeout)
+        if result.exit_status != 0:
+            raise DriverError(
+                host.name,
+                stage,
+                f"{setting} on {manager.name} exited {result.exit_status}: {result.stderr.strip()[:200]}",
+            )

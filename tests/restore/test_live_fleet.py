@@ -1,0 +1,181 @@
+"""The live fleet's composition of drivers, with the fakes that stand in for each capability."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from restore_flows.drivers.base import BootDevice, CommandResult, Verification
+from restore_flows.drivers.commands import Dialect, quote
+from restore_flows.drivers.fake import FakeDeployment, FakePower, FakeShell
+from restore_flows.drivers.live import LiveFleet, LiveSettings
+from restore_flows.inventory.estate import Host
+from restore_flows.inventory.loader import load_estate
+from restore_flows.inventory.models import Stage
+from restore_flows.ledger.db import make_engine, upgrade
+from restore_flows.ledger.repository import Ledger
+from restore_flows.pipeline import PipelineSettings
+from restore_flows.planning import Plan, plan
+from restore_flows.states import HostState
+from restore_flows.waves import WaveRequest, run_wave_threads
+from tests.conftest import WriteInventory
+
+ESTATE = """
+waves:
+  - {name: icu, services: [icu]}
+  - {name: rest, services: ["*"]}
+sites:
+  - {name: arl, kind: hospital}
+roles:
+  - name: gw
+    kind: server
+    services: [icu]
+    golden_image: win2022-gold-7
+    ssh: {user: restore, host_key: "ssh-ed25519 AAAAold", key_secret: ssh-key, shell: posix}
+  - {name: mgmt, kind: server, services: [mgmt], ssh: {user: ops, key_secret: ssh-key, shell: posix}}
+hosts:
+  - {name: mgmt-01, role: mgmt, site: arl, address: 127.0.0.1}
+groups:
+  - defaults: {role: gw, site: arl}
+    hosts:
+      - {name: "gw-[01:04]", bmc: {address: "https://127.0.0.1:8443", credentials_secret: bmc-arl}}
+      - {name: gw-05}
+      - {name: gw-06, forensic_hold: true, bmc: {address: "https://127.0.0.1:8443"}}
+"""
+FAST = PipelineSettings(backoff_seconds=(0.0,), slot_poll_seconds=0.01)
+RELEASE = "move-to-production --host {host}"
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.findings: dict[str, tuple[str, ...]] = {}
+
+    def verify(self, host: Host) -> Verification:
+        return Verification(ioc_findings=self.findings.get(host.name, ()))
+
+
+@pytest.fixture
+def the_plan(write_inventory: WriteInventory) -> Plan:
+    return plan(load_estate(write_inventory(estate=ESTATE)))
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, the_plan: Plan) -> Ledger:
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    upgrade(engine)
+    ledger = Ledger(engine)
+    ledger.sync_inventory(the_plan.estate, the_plan)
+    return ledger
+
+
+def _fleet(the_plan: Plan, deployment: FakeDeployment, shell: FakeShell) -> tuple[LiveFleet, FakePower]:
+    def booted(host: Host, device: BootDevice | None) -> None:
+        if device is BootDevice.PXE:
+            deployment.network_boot(host.name)
+
+    power = FakePower(on_power_cycle=booted)
+    fleet = LiveFleet(
+        power={"redfish": power},
+        shell=shell,
+        deployment=deployment,
+        checks=Checks(),
+        hosts=the_plan.estate.hosts,
+        settings=LiveSettings(poll_seconds=0, management_host="mgmt-01", release_command=RELEASE),
+        sleep=lambda seconds: None,
+    )
+    return fleet, power
+
+
+def _released(host: Host, command: str) -> CommandResult | None:
+    return CommandResult(0, "moved\n", "") if command.startswith("move-to-production") else None
+
+
+def test_a_live_wave_wipes_by_network_boot_pins_the_reported_key_and_releases(
+    ledger: Ledger, the_plan: Plan
+) -> None:
+    deployment = FakeDeployment(new_host_key=lambda host: f"ssh-ed25519 NEW-{host}")
+    shell = FakeShell(responders=[_released])
+    fleet, power = _fleet(the_plan, deployment, shell)
+    _, summary = run_wave_threads(
+        ledger,
+        the_plan,
+        fleet,
+        WaveRequest("icu", mode="live"),
+        workers=3,
+        settings=FAST,
+        approver="Dr. Osei",
+    )
+    states = ledger.states()
+    assert [states[f"gw-0{n}"] for n in range(1, 5)] == [HostState.ONLINE] * 4
+    for n in range(1, 5):
+        name = f"gw-0{n}"
+        assert [call for host, call in power.calls if host == name] == ["boot_once pxe", "power_cycle"]
+        assert shell.host_keys[name] == f"ssh-ed25519 NEW-{name}"
+        assert ("mgmt-01", f"move-to-production --host {quote(name, Dialect.POSIX)}") in shell.commands
+    # No BMC: nothing to boot it from the network with; forensic hold: the forensic team registers first.
+    assert states["gw-05"] is HostState.WIPE_FAILED
+    assert "no power driver 'none'" in (ledger.history("gw-05").attempts[-1].error or "")
+    assert states["gw-06"] is HostState.EVIDENCE_FAILED
+    assert "restore evidence add gw-06" in (ledger.history("gw-06").attempts[-1].error or "")
+    assert not summary.ok
+
+
+def test_an_install_of_the_wrong_image_is_refused_and_its_key_never_pinned(
+    ledger: Ledger, the_plan: Plan
+) -> None:
+    deployment = FakeDeployment(
+        installed_image=lambda host, image: "win2019-old" if host == "gw-02" else image
+    )
+    shell = FakeShell(responders=[_released])
+    fleet, _ = _fleet(the_plan, deployment, shell)
+    run_wave_threads(
+        ledger,
+        the_plan,
+        fleet,
+        WaveRequest("icu", mode="live", hosts=("gw-01", "gw-02")),
+        workers=2,
+        settings=FAST,
+        approver="Dr. Osei",
+    )
+    assert ledger.host("gw-01").state is HostState.ONLINE
+    assert ledger.host("gw-02").state is HostState.REIMAGE_FAILED
+    error = ledger.history("gw-02").attempts[-1].error or ""
+    assert "installed image 'win2019-old', the inventory expects 'win2022-gold-7'" in error
+    assert "gw-02" not in shell.host_keys
+
+
+def test_a_failed_deployment_job_fails_the_wipe(ledger: Ledger, the_plan: Plan) -> None:
+    deployment = FakeDeployment(fail={"gw-03"})
+    fleet, _ = _fleet(the_plan, deployment, FakeShell(responders=[_released]))
+    run_wave_threads(
+        ledger,
+        the_plan,
+        fleet,
+        WaveRequest("icu", mode="live", hosts=("gw-03",)),
+        settings=FAST,
+        approver="Dr. Osei",
+    )
+    assert ledger.host("gw-03").state is HostState.WIPE_FAILED
+    attempts = ledger.history("gw-03").attempts
+    assert len(attempts) == 3  # retried, since a deployment failure may be transient
+    assert "simulated install failure" in (attempts[-1].error or "")
+
+
+def test_resume_trusts_the_deployment_servers_facts_not_the_clock(the_plan: Plan) -> None:
+    deployment = FakeDeployment()
+    shell = FakeShell()
+    fleet, _ = _fleet(the_plan, deployment, shell)
+    host = the_plan.estate.hosts["gw-04"]
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    assert not fleet.stage_finished(host, Stage.WIPE, before)  # no job at all
+    deployment.assign("gw-04", "win2022-gold-7", None)
+    assert not fleet.stage_finished(host, Stage.WIPE, before)  # assigned, never booted
+    deployment.network_boot("gw-04")
+    assert fleet.stage_finished(host, Stage.WIPE, before)
+    assert fleet.stage_finished(host, Stage.REIMAGE, before)
+    assert shell.host_keys["gw-04"] == "ssh-ed25519 FAKE-gw-04"
+    # An install that ended before the interrupted stage started says nothing about that stage.
+    assert not fleet.stage_finished(host, Stage.REIMAGE, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
+    assert not fleet.stage_finished(host, Stage.RELEASE, before)
