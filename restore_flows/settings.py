@@ -45,6 +45,41 @@ class Settings(BaseSettings):
         default=30_000, ge=0, description="How long a SQLite writer waits for the lock."
     )
 
+    # -- live mode: the real fleet -------------------------------------------------------------------
+    deployment_url: str | None = Field(
+        default=None, description="Base URL of the deployment server (PXE/imaging) for live runs."
+    )
+    deployment_ca_bundle: str | None = Field(
+        default=None, description="CA bundle for the deployment server's TLS (default: the system's)."
+    )
+    deployment_token_secret: str | None = Field(
+        default=None, description="Name of the secret holding the deployment server's API token."
+    )
+    management_host: str | None = Field(
+        default=None, description="Inventory host that runs backup restores and network releases."
+    )
+    backup_command: str | None = Field(
+        default=None,
+        description="Template run on the management host to restore a VM ({host}, {address}, {mac}).",
+    )
+    release_command: str | None = Field(
+        default=None,
+        description="Template run on the management host to move a host to production ({host}, {address}).",
+    )
+    secret_sources: str = Field(
+        default="env,prefect",
+        description="Secret sources in order: 'env' (RESTORE_SECRET_<NAME>), 'prefect' (Secret blocks).",
+    )
+    live_poll_seconds: float = Field(default=10.0, gt=0, description="How often live waits ask again.")
+    wipe_timeout_seconds: float = Field(default=3600.0, gt=0, description="Longest wait for a wipe.")
+    install_timeout_seconds: float = Field(default=7200.0, gt=0, description="Longest wait for an install.")
+    power_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="Longest wait for a BMC to show a power or boot change."
+    )
+    ssh_max_sessions: int = Field(
+        default=64, ge=1, description="Concurrent SSH commands, all hosts together."
+    )
+
     def ledger_url(self, rehearsal: bool = False) -> str:
         if rehearsal:
             return self.rehearsal_database_url or f"sqlite:///{self.data_dir / 'rehearsal.sqlite3'}"
