@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
@@ -16,6 +18,10 @@ from restore_flows.ledger.records import SyncReport
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import Plan, plan
 from restore_flows.settings import Settings
+
+if TYPE_CHECKING:
+    from restore_flows.drivers.live import LiveFleet
+    from restore_flows.drivers.secrets import Secrets
 
 
 @dataclass(frozen=True)
@@ -48,3 +54,53 @@ def load_and_sync(context: Context, inventory: Path) -> tuple[Estate, Plan, Sync
     the_plan = plan(estate)
     report = context.ledger.sync_inventory(estate, the_plan)
     return estate, the_plan, report
+
+
+@contextmanager
+def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = None) -> Iterator[LiveFleet]:
+    """The real fleet for a live run: Redfish, SSH, the deployment server and the checks, closed after."""
+    # Imported here: paramiko and the drivers are only needed by live runs, and 'restore validate' or
+    # 'restore plan' should start quickly.
+    import httpx
+
+    from restore_flows.drivers.checks import CheckRunner
+    from restore_flows.drivers.deployment import DeploymentServerClient
+    from restore_flows.drivers.live import LiveFleet, LiveSettings
+    from restore_flows.drivers.redfish import RedfishPower
+    from restore_flows.drivers.secrets import secrets_from
+    from restore_flows.drivers.ssh import ParamikoShell
+
+    secrets = secrets or secrets_from(settings.secret_sources)
+    with ExitStack() as stack:
+        power = stack.enter_context(RedfishPower(secrets, poll_timeout=settings.power_timeout_seconds))
+        shell = ParamikoShell(secrets, max_sessions=settings.ssh_max_sessions)
+        stack.callback(shell.close)
+        deployment = None
+        if settings.deployment_url:
+            token = (
+                secrets.get(settings.deployment_token_secret) if settings.deployment_token_secret else None
+            )
+            http = stack.enter_context(
+                httpx.Client(
+                    base_url=settings.deployment_url,
+                    verify=ssl.create_default_context(cafile=settings.deployment_ca_bundle),
+                    timeout=30.0,
+                    trust_env=False,
+                )
+            )
+            deployment = DeploymentServerClient(http, token)
+        yield LiveFleet(
+            power={"redfish": power},
+            shell=shell,
+            deployment=deployment,
+            checks=CheckRunner(shell),
+            hosts=estate.hosts,
+            settings=LiveSettings(
+                wipe_timeout=settings.wipe_timeout_seconds,
+                install_timeout=settings.install_timeout_seconds,
+                poll_seconds=settings.live_poll_seconds,
+                management_host=settings.management_host,
+                backup_command=settings.backup_command,
+                release_command=settings.release_command,
+            ),
+        )

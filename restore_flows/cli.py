@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 
 from restore_flows import render
 from restore_flows.bootstrap import Context, load_and_sync, open_ledger
+from restore_flows.dispatch import Status
 from restore_flows.errors import InventoryError, LedgerError, RestoreError, UsageError
 from restore_flows.inventory.loader import LoadResult, load_inventory
 from restore_flows.inventory.schema import write_schema
@@ -343,12 +344,62 @@ def up() -> None:
 
 @app.command("run")
 @_handled
-def run_live(directory: InventoryDir = Path("inventory")) -> None:
-    """A live restore on real machines. Refused in this release: the real drivers are not in it yet."""
-    raise UsageError(
-        "live mode needs the real drivers (Redfish power and boot, SSH checks), which are not part of "
-        "this release; nothing was done. 'restore rehearse' runs the same flows on the simulated fleet."
-    )
+def run_live(
+    wave: Annotated[str, typer.Argument(help="The wave to restore on real machines.")],
+    directory: InventoryDir = Path("inventory"),
+    approver: Annotated[
+        str, typer.Option(help="Full name of the person who approves wiping these hosts (recorded).")
+    ] = "",
+    confirm: Annotated[
+        str, typer.Option(help="The wave's name, typed again: the wipe goes ahead only then.")
+    ] = "",
+    site: Annotated[list[str] | None, typer.Option("--site", help="Only these sites (repeat).")] = None,
+    host: Annotated[list[str] | None, typer.Option("--host", help="Only these hosts (repeat).")] = None,
+    workers: Annotated[int, typer.Option(help="Hosts worked on at once.")] = 16,
+) -> None:
+    """A live restore of one wave on real machines: wipe, reimage, verify and release, recorded in the ledger.
+
+    Shows what will be wiped and does nothing unless --approver names a person and --confirm repeats the
+    wave's name. Settings (deployment server, management host, secrets) come from RESTORE_* variables.
+    """
+    from restore_flows.bootstrap import live_fleet
+    from restore_flows.pipeline import PipelineSettings
+    from restore_flows.waves import WaveRequest, approval_summary, run_wave_threads, select_hosts
+
+    _load_or_exit(directory)
+    settings = Settings(inventory=directory)
+    with open_ledger(settings) as context:
+        estate, the_plan, _ = load_and_sync(context, directory)
+        if wave not in {w.name for w in the_plan.waves}:
+            raise UsageError(f"no wave named {wave!r} (waves: {', '.join(w.name for w in the_plan.waves)})")
+        request = WaveRequest(
+            wave, "live", tuple(site or ()), tuple(host or ()), actor=f"cli:{approver.strip()}"
+        )
+        hosts = select_hosts(the_plan, request)
+        _out().print(approval_summary(the_plan, hosts, context.ledger))
+        if not approver.strip() or confirm.strip() != wave:
+            raise UsageError(
+                f"nothing was done: a live run needs --approver 'FULL NAME' and --confirm {wave} "
+                "(the wave's name typed again)"
+            )
+        with live_fleet(settings, estate) as fleet:
+            run_id, summary = run_wave_threads(
+                context.ledger,
+                the_plan,
+                fleet,
+                request,
+                workers=workers,
+                settings=PipelineSettings(lease_seconds=settings.lease_seconds),
+                approver=approver.strip(),
+            )
+    out = _out()
+    out.print(f"run {run_id}: {summary.count(Status.ONLINE)} of {len(summary.hosts)} host(s) online")
+    for progress in sorted(summary.hosts.values(), key=lambda p: p.host):
+        if progress.status is not Status.ONLINE:
+            why = progress.error or progress.reason or ""
+            out.print(f"  {progress.host}: {progress.status.value} ({progress.state.value}) {why}".rstrip())
+    if not summary.ok:
+        raise typer.Exit(EXIT_REFUSED)
 
 
 def main() -> None:

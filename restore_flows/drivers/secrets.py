@@ -108,3 +108,14 @@ def split_credentials(name: str, secret: SecretStr) -> tuple[str, SecretStr]:
     if not sep or not user:
         raise SecretNotFound(f"secret {name!r} must hold 'user:password'")
     return user, SecretStr(password)
+
+
+def secrets_from(sources: str) -> Secrets:
+    """The chain named by ``Settings.secret_sources``, e.g. 'env,prefect'."""
+    known: dict[str, Callable[[], Secrets]] = {"env": EnvSecrets, "prefect": PrefectSecrets}
+    chain: list[Secrets] = []
+    for name in (part.strip() for part in sources.split(",") if part.strip()):
+        if name not in known:
+            raise SecretNotFound(f"unknown secret source {name!r} (known: {', '.join(known)})")
+        chain.append(known[name]())
+    return ChainedSecrets(tuple(chain))

@@ -101,3 +101,22 @@ def test_status_history_evidence_decide(restore: CliRunner) -> None:
     result = _run(restore, "history", "nope")
     assert result.exit_code == 1
     assert "no host named 'nope'" in result.stderr
+
+
+def test_a_live_run_shows_what_it_would_wipe_and_needs_a_named_approver(restore: CliRunner) -> None:
+    assert _run(restore, "db", "upgrade").exit_code == 0
+    for extra in (
+        [],
+        ["--approver", "Dr. Ada Osei"],
+        ["--approver", " ", "--confirm", "core"],
+        ["--approver", "Dr. Ada Osei", "--confirm", "icu"],
+    ):
+        result = _run(restore, "run", "core", *extra)
+        assert result.exit_code == 2, extra
+        assert "host(s) will be wiped and rebuilt" in result.stdout
+        assert "nothing was done: a live run needs --approver" in result.stderr
+    result = _run(restore, "run", "nowhere", "--approver", "Dr. Ada Osei", "--confirm", "nowhere")
+    assert result.exit_code == 2
+    assert "no wave named 'nowhere'" in result.stderr
+    result = _run(restore, "history", "dc-arl-01", "--json")
+    assert [t["event"] for t in json.loads(result.stdout)["transitions"]] == ["enroll"]
