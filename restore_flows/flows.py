@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import ExitStack
 from enum import StrEnum
 from typing import Any, cast
 from uuid import UUID
@@ -40,8 +41,9 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field, create_model
 
-from restore_flows.bootstrap import Context, load_and_sync, open_ledger
+from restore_flows.bootstrap import Context, live_fleet, load_and_sync, open_ledger
 from restore_flows.dispatch import Dispatcher, HostProgress, RunSummary, Status
+from restore_flows.drivers.base import Fleet
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.eta import eta_seconds, format_eta
 from restore_flows.inventory.estate import Host
@@ -140,14 +142,9 @@ def restore_wave(params: WaveParameters) -> State[Any]:
     """Restore one wave: approval, then every host through wipe, rebuild, verify and release."""
     logger = get_run_logger()
     settings = Settings()
-    if params.mode is Mode.LIVE:
-        return Failed(
-            message="live mode needs the real drivers (Redfish, SSH), which are not part of this release: "
-            "nothing was done. Use mode=rehearsal."
-        )
     rehearsal = params.mode is Mode.REHEARSAL
-    with open_ledger(settings, rehearsal=rehearsal, migrate=rehearsal) as context:
-        _, the_plan, _ = load_and_sync(context, settings.inventory)
+    with open_ledger(settings, rehearsal=rehearsal, migrate=rehearsal) as context, ExitStack() as stack:
+        estate, the_plan, _ = load_and_sync(context, settings.inventory)
         if params.wave not in [w.name for w in the_plan.waves]:
             return Failed(message=f"no wave named {params.wave!r} in the inventory")
         request = WaveRequest(params.wave, params.mode.value, tuple(params.sites), tuple(params.hosts))
@@ -163,12 +160,16 @@ def restore_wave(params: WaveParameters) -> State[Any]:
         if refused is not None:
             ledger.finish_run(run_id, "not approved")
             return refused
-        fleet = SimulatedFleet(
-            time_scale=params.time_scale,
-            fail_rates=dict.fromkeys(Stage, params.fail_rate),
-            seed=params.seed,
-            broken=dict.fromkeys(params.broken_hosts, Stage.WIPE),
-        )
+        fleet: Fleet
+        if rehearsal:
+            fleet = SimulatedFleet(
+                time_scale=params.time_scale,
+                fail_rates=dict.fromkeys(Stage, params.fail_rate),
+                seed=params.seed,
+                broken=dict.fromkeys(params.broken_hosts, Stage.WIPE),
+            )
+        else:
+            fleet = stack.enter_context(live_fleet(settings, estate))
         summary = _dispatch(context, the_plan, params, run_id, hosts, fleet)
         ledger.finish_run(run_id, "completed" if summary.ok else "failed")
         text = summary_markdown(params.wave, summary)
@@ -227,7 +228,7 @@ def _dispatch(
     params: WaveParameters,
     run_id: str,
     hosts: list[str],
-    fleet: SimulatedFleet,
+    fleet: Fleet,
 ) -> RunSummary:
     ledger = context.ledger
     progress = WaveProgress(context, the_plan, params.wave, hosts, params.workers)
