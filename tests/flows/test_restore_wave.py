@@ -256,10 +256,12 @@ def test_approval_timeout_wipes_nothing(served: Served) -> None:
     # replaces them with its own, which say that nothing was wiped.
     with _client(served.server) as client:
         ours = _eventually(
-            lambda: (s := client.read_flow_run(run_id).state) is not None
-            and s.is_failed()
-            and (s.message or "").startswith("no approval within 0.05 minutes")
-            and s,
+            lambda: (
+                (s := client.read_flow_run(run_id).state) is not None
+                and s.is_failed()
+                and (s.message or "").startswith("no approval within 0.05 minutes")
+                and s
+            ),
             60,
         )
     assert ours
