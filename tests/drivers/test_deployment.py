@@ -25,16 +25,18 @@ def test_jobs_run_when_the_system_boots_from_the_network() -> None:
         status = client.status("gw-01")
         assert status is not None
         assert (status.job, status.phase) == (job, Phase.ASSIGNED)
-        # A boot from disk does nothing; a network boot of that system runs the job.
-        http.put(
-            server.notify_url,
-            json={"Name": "System-A", "PowerState": "On", "Boot": {"BootSourceOverrideTarget": "Hdd"}},
-        )
+
+        # Setting the override while on, or booting from disk, is no network boot; Off -> On with Pxe is.
+        def notify(power: str, target: str) -> None:
+            boot = {"BootSourceOverrideTarget": target}
+            http.put(server.notify_url, json={"Name": "System-A", "PowerState": power, "Boot": boot})
+
+        notify("On", "Pxe")
+        notify("Off", "Hdd")
+        notify("On", "Hdd")
         assert client.status("gw-01").phase is Phase.ASSIGNED  # type: ignore[union-attr]
-        http.put(
-            server.notify_url,
-            json={"Name": "System-A", "PowerState": "On", "Boot": {"BootSourceOverrideTarget": "Pxe"}},
-        )
+        notify("Off", "Pxe")
+        notify("On", "Pxe")
         done = wait_for_phase(
             client,
             "gw-01",

@@ -2,7 +2,7 @@
 
 It speaks the HTTP contract of :mod:`restore_flows.drivers.deployment` over the state of
 :class:`~restore_flows.drivers.fake.FakeDeployment`, and listens for sushy-tools' power notifications
-(``EXTERNAL_NOTIFICATION_URL``): when a system it knows powers on while its one-time boot override
+(``EXTERNAL_NOTIFICATION_URL``): when a system it knows goes from Off to On while its boot override
 says network (or says nothing), the host with a job is "installed": new image id, new host key
 (``FakeDeployment.new_host_key``, which the tests point at their sshd harness), reported through the
 status API.
@@ -34,6 +34,8 @@ class DeployServer:
 @contextmanager
 def deploy_server(state: FakeDeployment, systems: Mapping[str, str]) -> Iterator[DeployServer]:
     server: DeployServer
+    last_power: dict[str, Any] = {}
+    lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
@@ -83,8 +85,15 @@ def deploy_server(state: FakeDeployment, systems: Mapping[str, str]) -> Iterator
             system = self._body() or {}
             server.notifications.append(system)
             host = systems.get(str(system.get("Name"))) or systems.get(str(system.get("Id")))
+            power = system.get("PowerState")
+            with lock:
+                before = last_power.get(host or "")
+                if host:
+                    last_power[host] = power
+            # sushy also notifies boot-override changes and pending changes: only a host seen Off that
+            # is now On has booted, and it boots from the network if the override says so.
             target = (system.get("Boot") or {}).get("BootSourceOverrideTarget")
-            if host and system.get("PowerState") == "On" and target in (None, "Pxe"):
+            if host and before == "Off" and power == "On" and target in (None, "Pxe"):
                 state.network_boot(host)
             return self._send(204)
 
