@@ -389,7 +389,7 @@ def run_live(
                 fleet,
                 request,
                 workers=workers,
-                settings=PipelineSettings(lease_seconds=settings.lease_seconds),
+                settings=PipelineSettings.from_settings(settings),
                 approver=approver.strip(),
             )
     out = _out()

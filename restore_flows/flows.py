@@ -237,7 +237,7 @@ def _dispatch(
         fleet,
         run_id,
         "prefect",
-        PipelineSettings(lease_seconds=context.settings.lease_seconds),
+        PipelineSettings.from_settings(context.settings),
         priority_of(the_plan),
     )
 

@@ -22,6 +22,7 @@ from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import RestoreMethod, Stage
 from restore_flows.ledger.records import Lease
 from restore_flows.ledger.repository import Ledger
+from restore_flows.settings import Settings
 from restore_flows.states import FAILED, Event, HostState
 
 # Which stage a failed state belongs to, and whether repeating that stage changes a disk.
@@ -68,6 +69,10 @@ class PipelineSettings:
     """Attempts per stage before the host waits for an operator."""
     backoff_seconds: tuple[float, ...] = (1.0, 5.0, 15.0)
     slot_poll_seconds: float = 0.05
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PipelineSettings:
+        return cls(lease_seconds=settings.lease_seconds, attempts=settings.stage_attempts)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a run holds a host without renewing; after that another run may take over.",
     )
+    stage_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts per stage, when its error may be transient, before an operator.",
+    )
     sqlite_busy_timeout_ms: int = Field(
         default=30_000, ge=0, description="How long a SQLite writer waits for the lock."
     )
