@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -42,6 +43,26 @@ app = typer.Typer(
 )
 
 P = ParamSpec("P")
+
+
+@app.callback()
+def _configure(
+    log_level: Annotated[
+        str,
+        typer.Option(
+            "--log-level",
+            envvar="RESTORE_LOG_LEVEL",
+            help="Diagnostics on stderr: DEBUG, INFO, WARNING or ERROR (secrets are never logged).",
+        ),
+    ] = "WARNING",
+) -> None:
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"unknown log level {log_level!r}")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
 
 EXIT_REFUSED = 1
 EXIT_INVALID = 2

@@ -28,8 +28,8 @@ def test_jobs_run_when_the_system_boots_from_the_network() -> None:
 
         # Setting the override while on, or booting from disk, is no network boot; Off -> On with Pxe is.
         def notify(power: str, target: str) -> None:
-            boot = {"BootSourceOverrideTarget": target}
-            http.put(server.notify_url, json={"Name": "System-A", "PowerState": power, "Boot": boot})
+            record = {"name": "System-A", "uuid": "4202ef31", "power_state": power, "boot_device": target}
+            http.put(server.notify_url, json=record)
 
         notify("On", "Pxe")
         notify("Off", "Hdd")

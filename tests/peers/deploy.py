@@ -84,15 +84,17 @@ def deploy_server(state: FakeDeployment, systems: Mapping[str, str]) -> Iterator
             # sushy-tools' notifier: the system's JSON after a power change.
             system = self._body() or {}
             server.notifications.append(system)
-            host = systems.get(str(system.get("Name"))) or systems.get(str(system.get("Id")))
-            power = system.get("PowerState")
+            # sushy sends its fake driver's record of the system (name, uuid, power_state, boot_device),
+            # not a Redfish resource.
+            host = systems.get(str(system.get("name"))) or systems.get(str(system.get("uuid")))
+            power = system.get("power_state")
             with lock:
                 before = last_power.get(host or "")
                 if host:
                     last_power[host] = power
             # sushy also notifies boot-override changes and pending changes: only a host seen Off that
             # is now On has booted, and it boots from the network if the override says so.
-            target = (system.get("Boot") or {}).get("BootSourceOverrideTarget")
+            target = system.get("boot_device")
             if host and before == "Off" and power == "On" and target in (None, "Pxe"):
                 state.network_boot(host)
             return self._send(204)
