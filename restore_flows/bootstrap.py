@@ -69,6 +69,7 @@ def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = Non
     from restore_flows.drivers.redfish import RedfishPower
     from restore_flows.drivers.secrets import secrets_from
     from restore_flows.drivers.ssh import ParamikoShell
+    from restore_flows.drivers.wol import WakeOnLan
 
     secrets = secrets or secrets_from(settings.secret_sources)
     with ExitStack() as stack:
@@ -103,4 +104,5 @@ def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = Non
                 backup_command=settings.backup_command,
                 release_command=settings.release_command,
             ),
+            wol=WakeOnLan(settings.wol_address, settings.wol_port),
         )

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     power_timeout_seconds: float = Field(
         default=120.0, gt=0, description="Longest wait for a BMC to show a power or boot change."
     )
+    wol_address: str = Field(
+        default="255.255.255.255",
+        description="Where Wake-on-LAN packets go: the quarantine VLAN's broadcast address.",
+    )
+    wol_port: int = Field(default=9, ge=1, le=65535, description="UDP port of Wake-on-LAN packets.")
     ssh_max_sessions: int = Field(
         default=64, ge=1, description="Concurrent SSH commands, all hosts together."
     )

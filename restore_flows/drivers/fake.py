@@ -203,6 +203,15 @@ class FakeDeployment:
         with self._lock:
             return self._status.get(host)
 
+    def host_of_mac(self, mac: str) -> str | None:
+        """The host whose pending job names this MAC (how a server knows a machine that PXE-boots)."""
+        wanted = mac.lower().replace("-", ":")
+        with self._lock:
+            for host, job in self._jobs.items():
+                if str(job.get("mac") or "").lower().replace("-", ":") == wanted:
+                    return host
+        return None
+
     def network_boot(self, host: str) -> bool:
         """The host booted from the network: run its job, if it has one. Returns whether it had."""
         with self._lock:

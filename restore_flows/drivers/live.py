@@ -1,7 +1,10 @@
 """The real fleet: each stage composed from one driver per capability, chosen per host.
 
-* wipe: the deployment server gets a new job for the host's golden image, the BMC is told to boot once
-  from the network and power-cycles the host; the stage ends when the server reports the disk wiped.
+* wipe: the deployment server gets a new job for the host's golden image, then the host is started
+  into it: by its BMC (boot once from the network, power cycle; ``imaging: pxe``, the default for a
+  host with a BMC), by Wake-on-LAN (``imaging: wol``, the default for a host with only a MAC), or by the
+  deployment server itself (``imaging: deployment_server``). The stage ends when the server reports the
+  disk wiped.
 * reimage: the same job goes on to install; the stage ends when the server reports the expected image,
   and the new SSH host key from the server's report is pinned (never the key the host presents).
 * verify: every check of the host (:mod:`restore_flows.drivers.checks`).
@@ -32,6 +35,7 @@ from restore_flows.drivers.base import (
 )
 from restore_flows.drivers.commands import Dialect, command_line, render
 from restore_flows.drivers.deployment import PROGRESS, Deployment, DeploymentStatus, Phase, wait_for_phase
+from restore_flows.drivers.wol import WakeOnLan
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
 
@@ -63,6 +67,7 @@ class LiveFleet:
     checks: Verifier
     hosts: Mapping[str, Host]
     settings: LiveSettings = field(default_factory=LiveSettings)
+    wol: WakeOnLan = field(default_factory=WakeOnLan)
     clock: Callable[[], float] = time.monotonic
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     sleep: Callable[[float], None] = time.sleep
@@ -80,13 +85,20 @@ class LiveFleet:
 
     def wipe(self, host: Host) -> None:
         image = self._image(host, Stage.WIPE)
-        power = self._power(host, Stage.WIPE)
+        method = host.drivers.imaging or ("wol" if host.bmc is None and host.mac else "pxe")
+        power = self._power(host, Stage.WIPE) if method == "pxe" else None
+        if method not in ("pxe", "wol", "deployment_server"):
+            raise DriverError(host.name, Stage.WIPE, f"imaging {method!r} cannot run live", retryable=False)
         deployment = self._deployment(host, Stage.WIPE)
         job = deployment.assign(host.name, image, host.mac)
         with self._lock:
             self._jobs[host.name] = job
-        power.boot_once(host, BootDevice.PXE)
-        power.power_cycle(host)
+        if power is not None:
+            power.boot_once(host, BootDevice.PXE)
+            power.power_cycle(host)
+        elif method == "wol":
+            self.wol.wake(host)
+        # 'deployment_server': the server starts the host itself (its agent or its own power control).
         self._wait(deployment, host, Phase.WIPED, Stage.WIPE, self.settings.wipe_timeout, job=job)
 
     def reimage(self, host: Host) -> None:

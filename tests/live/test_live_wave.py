@@ -10,6 +10,7 @@ failure leaves the rest of the wave alone:
 host         what is wrong                                    expected end state
 ===========  ===============================================  =====================
 gw-01..06    nothing                                          online
+ws-01        nothing (a workstation: no BMC, Wake-on-LAN)     online
 gw-07        the BMC refuses the credentials                  wipe_failed
 gw-08        the BMC answers 500                              wipe_failed
 gw-09        the BMC accepts resets, never changes power      wipe_failed
@@ -48,9 +49,11 @@ from tests.peers.sshd import SshdHost, generate_key_pair, require_peers, sshd_ho
 from tests.peers.sushy import SushySystem, loopback_http, sushy_command, sushy_emulator
 
 IMAGE = "win2022-gold-7"
-GOOD = [f"gw-{n:02d}" for n in range(1, 7)]
-ON_SUSHY = [*GOOD, "gw-07", "gw-10", "gw-11", "gw-12", "gw-13", "gw-14"]
+SERVERS = [f"gw-{n:02d}" for n in range(1, 7)]
+GOOD = [*SERVERS, "ws-01"]
+ON_SUSHY = [*SERVERS, "gw-07", "gw-10", "gw-11", "gw-12", "gw-13", "gw-14"]
 WITH_SSH = [*GOOD, "gw-10", "gw-11", "gw-12", "gw-13", "gw-14"]
+WS_MAC = "52:54:00:00:0a:01"
 BMC_PASSWORD = "Hosp1tal:BMC-pa55"  # a ':' inside: the secret is split at the first one only
 DEPLOY_TOKEN = "deploy-t0ken-9f8e7d"
 
@@ -97,9 +100,11 @@ def _inventory(
     scripted: dict[str, str],
 ) -> Path:
     entries: list[dict[str, Any]] = []
-    for name in [f"gw-{n:02d}" for n in range(1, 15)]:
+    for name in [*[f"gw-{n:02d}" for n in range(1, 15)], "ws-01"]:
         entry: dict[str, Any] = {"name": name, "role": "gw", "site": "arl"}
-        if name in sushy.systems:
+        if name == "ws-01":
+            entry.update(role="ws", mac=WS_MAC)
+        elif name in sushy.systems:
             entry["bmc"] = {
                 "address": sushy.url,
                 "system_id": sushy.systems[name],
@@ -140,6 +145,7 @@ def _inventory(
         "sites": [{"name": "arl", "kind": "hospital"}],
         "roles": [
             {"name": "gw", "kind": "server", "services": ["icu"], "golden_image": IMAGE},
+            {"name": "ws", "kind": "workstation", "services": ["icu"], "golden_image": IMAGE},
             {"name": "mgmt", "kind": "server", "services": ["management"]},
         ],
         "hosts": entries,
@@ -205,6 +211,8 @@ def wave(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wave]:
             "RESTORE_SECRET_SOURCES": "env",
             "RESTORE_LIVE_POLL_SECONDS": "0.2",
             "RESTORE_POWER_TIMEOUT_SECONDS": "25",
+            "RESTORE_WOL_ADDRESS": "127.0.0.1",
+            "RESTORE_WOL_PORT": str(deploy.wol_port),
             "RESTORE_WIPE_TIMEOUT_SECONDS": "60",
             "RESTORE_INSTALL_TIMEOUT_SECONDS": "60",
             "RESTORE_STAGE_ATTEMPTS": "2",
@@ -255,7 +263,7 @@ def wave(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wave]:
 
 def test_the_healthy_hosts_are_wiped_reimaged_verified_and_released(wave: Wave) -> None:
     assert wave.result.returncode == 1, wave.result.stderr[-3000:]  # some hosts fail, by design
-    assert "6 of 14 host(s) online" in wave.result.stdout
+    assert "7 of 15 host(s) online" in wave.result.stdout
     released = (wave.management.directory / "released").read_text().split()
     assert sorted(released) == GOOD
     ledger = wave.records
@@ -263,10 +271,12 @@ def test_the_healthy_hosts_are_wiped_reimaged_verified_and_released(wave: Wave) 
         history = ledger.history(name)
         assert history.host.state is HostState.ONLINE
         assert [t.event for t in history.transitions].count("start_wipe") == 1
-        system = wave.client.get(f"{wave.sushy_url}/redfish/v1/Systems/{wave.systems[name]}").json()
-        # The BMC really powered the host back on, after a network boot override.
-        assert system["PowerState"] == "On"
-        assert system["Boot"]["BootSourceOverrideTarget"] == "Pxe"
+        if name in SERVERS:
+            system = wave.client.get(f"{wave.sushy_url}/redfish/v1/Systems/{wave.systems[name]}").json()
+            # The BMC really powered the host back on, after a network boot override.
+            assert system["PowerState"] == "On"
+            assert system["Boot"]["BootSourceOverrideTarget"] == "Pxe"
+        # (ws-01 has no BMC: it was woken by a magic packet, which the deployment server heard.)
         peer = wave.hosts[name]
         assert (peer.directory / "image-id").read_text().strip() == IMAGE
         # The reinstall changed the host key that the inventory pinned; the checks could only run

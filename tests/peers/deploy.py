@@ -5,12 +5,14 @@ It speaks the HTTP contract of :mod:`restore_flows.drivers.deployment` over the 
 (``EXTERNAL_NOTIFICATION_URL``): when a system it knows goes from Off to On while its boot override
 says network (or says nothing), the host with a job is "installed": new image id, new host key
 (``FakeDeployment.new_host_key``, which the tests point at their sshd harness), reported through the
-status API.
+status API. It also hears Wake-on-LAN packets on a UDP port of 127.0.0.1: a woken workstation whose
+MAC has a job PXE-boots into it.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from restore_flows.drivers.fake import FakeDeployment
+from restore_flows.drivers.wol import mac_of_packet
 
 
 @dataclass
@@ -28,6 +31,8 @@ class DeployServer:
     state: FakeDeployment
     systems: dict[str, str]
     """Redfish system name or id -> inventory host name."""
+    wol_port: int = 0
+    """UDP port on 127.0.0.1 where it hears Wake-on-LAN packets: a woken host with a job PXE-boots."""
     notifications: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -105,9 +110,31 @@ def deploy_server(state: FakeDeployment, systems: Mapping[str, str]) -> Iterator
     server = DeployServer(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/notify", state, dict(systems))
     thread = threading.Thread(target=httpd.serve_forever, name="deploy-server", daemon=True)
     thread.start()
+    wol = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wol.bind(("127.0.0.1", 0))
+    wol.settimeout(0.1)
+    server.wol_port = wol.getsockname()[1]
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                packet = wol.recv(1024)
+            except TimeoutError:
+                continue
+            mac = mac_of_packet(packet)
+            host = state.host_of_mac(mac) if mac else None
+            if host:
+                state.network_boot(host)
+
+    waker = threading.Thread(target=listen, name="deploy-server-wol", daemon=True)
+    waker.start()
     try:
         yield server
     finally:
+        stop.set()
+        waker.join(timeout=5)
+        wol.close()
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
