@@ -205,7 +205,12 @@ class HostPipeline:
                 state = self._apply(lease, host, Event.IOC_FOUND, stage, error=detail)
                 raise _Quarantined(state, detail)
             if report.failures:
-                raise DriverError(host.name, stage, "checks failed: " + "; ".join(report.failures))
+                raise DriverError(
+                    host.name,
+                    stage,
+                    "checks failed: " + "; ".join(report.failures),
+                    retryable=report.retryable,
+                )
         elif stage is Stage.RELEASE:
             self.fleet.release(host)
         return self._apply(lease, host, DONE_EVENT[stage], stage)

@@ -47,6 +47,9 @@ class Verification:
 
     failures: tuple[str, ...] = ()
     ioc_findings: tuple[str, ...] = ()
+    retryable: bool = True
+    """Whether checking again may change the verdict without an operator: not after the host's key or
+    our login was refused, nor for a host with no checks at all."""
 
     @property
     def clean(self) -> bool:

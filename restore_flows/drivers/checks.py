@@ -311,7 +311,7 @@ class CheckRunner:
 
     def verify(self, host: Host) -> Verification:
         if not host.checks:
-            return Verification(failures=(NO_CHECKS,))
+            return Verification(failures=(NO_CHECKS,), retryable=False)
         failures: list[str] = []
         findings: list[str] = []
         shell_down: str | None = None
@@ -333,7 +333,9 @@ class CheckRunner:
                 if outcome.failure is not None:
                     failures.append(f"{check_label(check, host)}: {outcome.failure}")
                 findings.extend(outcome.findings)
-        return Verification(failures=tuple(failures), ioc_findings=tuple(findings))
+        return Verification(
+            failures=tuple(failures), ioc_findings=tuple(findings), retryable=shell_down is None
+        )
 
     def _shell(self, host: Host, check: ShellCheck) -> tuple[Outcome, DriverError | None]:
         try:

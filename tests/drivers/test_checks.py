@@ -365,11 +365,26 @@ def test_a_refused_login_stops_further_shell_checks_but_not_network_ones(tcp_lis
         "edr_agent Sense: not run, the shell failed before: login as 'svc' refused",
     )
     assert len(shell.commands) == 1
+    # Checking again cannot help until someone fixes the key: the verdict says so.
+    assert (
+        not CheckRunner(FakeShell(responders=[raising(PS_SERVICE.format("Spooler"), refused)]))
+        .verify(host)
+        .retryable
+    )
+
+
+def test_a_timed_out_check_may_pass_when_checked_again() -> None:
+    host = _host(WindowsServiceCheck(type="windows_service", service="Spooler"))
+    slow = DriverTimeout("ws-icu-001", Stage.VERIFY, "command did not finish within 30 s")
+    report = CheckRunner(FakeShell(responders=[raising(PS_SERVICE.format("Spooler"), slow)])).verify(host)
+    assert report.failures == ("windows_service Spooler: command did not finish within 30 s",)
+    assert report.retryable
 
 
 def test_a_host_without_checks_is_not_clean() -> None:
     failures, findings, shell = _verify(_host())
     assert (failures, findings, shell.commands) == ((NO_CHECKS,), (), [])
+    assert not CheckRunner(FakeShell()).verify(_host()).retryable
 
 
 # --- TCP: a real listening socket on loopback ---

@@ -306,6 +306,10 @@ def test_each_broken_host_ends_in_its_own_state_with_a_clear_error(wave: Wave) -
     # Non-retryable errors are tried once; a BMC error that may pass is tried again (2 attempts here).
     assert [a.stage for a in ledger.history("gw-07").attempts] == ["wipe"]
     assert [a.stage for a in ledger.history("gw-08").attempts] == ["wipe", "wipe"]
+    # Checks are repeated after a hang, not after our key or the host's key was refused.
+    assert [a.stage for a in ledger.history("gw-11").attempts][-2:] == ["verify", "verify"]
+    for name in ("gw-10", "gw-14"):
+        assert [a.stage for a in ledger.history(name).attempts].count("verify") == 1, name
     # The host whose reported key is not its own was never wiped twice, and the impostor's key never
     # let the checks in.
     assert [t.event for t in ledger.history("gw-14").transitions].count("start_wipe") == 1
