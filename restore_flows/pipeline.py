@@ -192,12 +192,13 @@ class HostPipeline:
                 host.name, evidence.sha256, evidence.location, evidence.custodian, evidence.kind, self.run_id
             )
             return self._apply(lease, host, Event.EVIDENCE_CAPTURED, stage, f"sha256:{evidence.sha256}")
+        detail: str | None = None
         if stage is Stage.WIPE:
-            self.fleet.wipe(host)
+            detail = self.fleet.wipe(host)
         elif stage is Stage.REIMAGE:
-            self.fleet.reimage(host)
+            detail = self.fleet.reimage(host)
         elif stage is Stage.RESTORE:
-            self.fleet.restore_backup(host)
+            detail = self.fleet.restore_backup(host)
         elif stage is Stage.VERIFY:
             report = self.fleet.verify(host)
             if report.ioc_findings:
@@ -212,8 +213,8 @@ class HostPipeline:
                     retryable=report.retryable,
                 )
         elif stage is Stage.RELEASE:
-            self.fleet.release(host)
-        return self._apply(lease, host, DONE_EVENT[stage], stage)
+            detail = self.fleet.release(host)
+        return self._apply(lease, host, DONE_EVENT[stage], stage, detail)
 
     def _resolve_interrupted(self, host: Host, lease: Lease, stage: Stage) -> HostState:
         attempt = self.ledger.open_attempt(host.name)

@@ -18,7 +18,10 @@ stage and what to do.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -83,7 +86,7 @@ class LiveFleet:
             retryable=False,
         )
 
-    def wipe(self, host: Host) -> None:
+    def wipe(self, host: Host) -> str | None:
         image = self._image(host, Stage.WIPE)
         method = host.drivers.imaging or ("wol" if host.bmc is None and host.mac else "pxe")
         power = self._power(host, Stage.WIPE) if method == "pxe" else None
@@ -100,8 +103,10 @@ class LiveFleet:
             self.wol.wake(host)
         # 'deployment_server': the server starts the host itself (its agent or its own power control).
         self._wait(deployment, host, Phase.WIPED, Stage.WIPE, self.settings.wipe_timeout, job=job)
+        started = {"pxe": "network boot and power cycle by the BMC", "wol": "Wake-on-LAN"}
+        return f"deployment job {job} for {image}; {started.get(method, 'started by the deployment server')}"
 
-    def reimage(self, host: Host) -> None:
+    def reimage(self, host: Host) -> str | None:
         image = self._image(host, Stage.REIMAGE)
         deployment = self._deployment(host, Stage.REIMAGE)
         with self._lock:
@@ -121,16 +126,16 @@ class LiveFleet:
         status = self._wait(
             deployment, host, Phase.INSTALLED, Stage.REIMAGE, self.settings.install_timeout, job=job
         )
-        self._accept_install(host, image, status)
+        return self._accept_install(host, image, status)
 
-    def restore_backup(self, host: Host) -> None:
-        self._management(host, Stage.RESTORE, self.settings.backup_command, "backup_command")
+    def restore_backup(self, host: Host) -> str | None:
+        return self._management(host, Stage.RESTORE, self.settings.backup_command, "backup_command")
 
     def verify(self, host: Host) -> Verification:
         return self.checks.verify(host)
 
-    def release(self, host: Host) -> None:
-        self._management(host, Stage.RELEASE, self.settings.release_command, "release_command")
+    def release(self, host: Host) -> str | None:
+        return self._management(host, Stage.RELEASE, self.settings.release_command, "release_command")
 
     def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
         if stage not in (Stage.WIPE, Stage.REIMAGE) or self.deployment is None:
@@ -147,7 +152,7 @@ class LiveFleet:
 
     # -- parts -----------------------------------------------------------------------------------------
 
-    def _accept_install(self, host: Host, image: str, status: DeploymentStatus) -> None:
+    def _accept_install(self, host: Host, image: str, status: DeploymentStatus) -> str:
         if status.image_id != image:
             raise DriverError(
                 host.name,
@@ -163,6 +168,8 @@ class LiveFleet:
                 retryable=False,
             )
         self.shell.pin_host_key(host, status.host_key)
+        fingerprint = key_fingerprint(status.host_key)
+        return f"deployment job {status.job} installed {image}; new host key {fingerprint} pinned"
 
     def _wait(
         self, deployment: Deployment, host: Host, phase: Phase, stage: Stage, timeout: float, *, job: str
@@ -198,7 +205,7 @@ class LiveFleet:
             raise DriverError(host.name, stage, "no deployment server is configured", retryable=False)
         return self.deployment
 
-    def _management(self, host: Host, stage: Stage, template: str | None, setting: str) -> None:
+    def _management(self, host: Host, stage: Stage, template: str | None, setting: str) -> str:
         manager = self.hosts.get(self.settings.management_host or "")
         if template is None or manager is None:
             raise DriverError(
@@ -217,3 +224,15 @@ class LiveFleet:
                 stage,
                 f"{setting} on {manager.name} exited {result.exit_status}: {result.stderr.strip()[:200]}",
             )
+        return f"{setting} ran on {manager.name}"
+
+
+def key_fingerprint(line: str) -> str:
+    """'ssh-ed25519 SHA256:...' as OpenSSH prints it, for the log: a key line itself is long and opaque."""
+    parts = line.split()
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (IndexError, binascii.Error):
+        return "(unreadable key)"
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"{parts[0]} SHA256:{digest}"

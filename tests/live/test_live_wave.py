@@ -40,7 +40,9 @@ import yaml
 
 from restore_flows.drivers.fake import FakeDeployment
 from restore_flows.drivers.secrets import env_variable
+from restore_flows.drivers.ssh import describe_key, parse_host_key
 from restore_flows.ledger.db import make_engine
+from restore_flows.ledger.records import History
 from restore_flows.ledger.repository import Ledger
 from restore_flows.states import HostState
 from tests.drivers.redfish.scripted_bmc import ScriptedBmc
@@ -261,6 +263,13 @@ def wave(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wave]:
         )
 
 
+def history_job(history: History) -> str:
+    """The deployment job named in the wipe's log line."""
+    wiped = next(t.detail for t in history.transitions if t.event == "wipe_done")
+    assert wiped is not None
+    return wiped.split()[2]
+
+
 def test_the_healthy_hosts_are_wiped_reimaged_verified_and_released(wave: Wave) -> None:
     assert wave.result.returncode == 1, wave.result.stderr[-3000:]  # some hosts fail, by design
     assert "7 of 15 host(s) online" in wave.result.stdout
@@ -282,6 +291,11 @@ def test_the_healthy_hosts_are_wiped_reimaged_verified_and_released(wave: Wave) 
         # The reinstall changed the host key that the inventory pinned; the checks could only run
         # over SSH because the key reported by the deployment server was pinned in its place.
         assert peer.host_key_line != wave.first_keys[name]
+        reimaged = [t.detail for t in history.transitions if t.event == "reimage_done"]
+        assert reimaged == [
+            f"deployment job {history_job(history)} installed {IMAGE}; new host key "
+            f"{describe_key(parse_host_key(peer.host_key_line))} pinned"
+        ]
         assert peer.accepted_logins() >= 1
 
 

@@ -114,6 +114,14 @@ def test_a_live_wave_wipes_by_network_boot_pins_the_reported_key_and_releases(
         assert [call for host, call in power.calls if host == name] == ["boot_once pxe", "power_cycle"]
         assert shell.host_keys[name] == f"ssh-ed25519 NEW-{name}"
         assert ("mgmt-01", f"move-to-production --host {quote(name, Dialect.POSIX)}") in shell.commands
+        # What each stage did is in the ledger's log.
+        details = {t.event: t.detail for t in ledger.history(name).transitions}
+        assert details["wipe_done"] is not None
+        assert details["wipe_done"].startswith("deployment job job-")
+        assert details["wipe_done"].endswith("for win2022-gold-7; network boot and power cycle by the BMC")
+        assert details["reimage_done"] is not None
+        assert "installed win2022-gold-7; new host key" in details["reimage_done"]
+        assert details["release_done"] == "release_command ran on mgmt-01"
     # No BMC: nothing to boot it from the network with; forensic hold: the forensic team registers first.
     assert states["gw-05"] is HostState.WIPE_FAILED
     assert "no power driver 'none'" in (ledger.history("gw-05").attempts[-1].error or "")
