@@ -1,25 +1,7 @@
-"""A live wave through `restore run`, against real peers on loopback.
+"""A live wave through `restore run`, against real peers on loopback (see :mod:`tests.live.estate`).
 
-sushy-tools plays the BMCs (TLS from a test CA, bcrypt basic auth), one OpenSSH sshd per host plays the
-hosts, and the test deployment server plays PXE: when a system power-cycles with a network boot
-override, the host is "installed" (new image id on its disk, a new sshd host key) and the server reports
-both. Every case of the issue is one host of the same wave, so the test also shows that one host's
-failure leaves the rest of the wave alone:
-
-===========  ===============================================  =====================
-host         what is wrong                                    expected end state
-===========  ===============================================  =====================
-gw-01..06    nothing                                          online
-ws-01        nothing (a workstation: no BMC, Wake-on-LAN)     online
-gw-07        the BMC refuses the credentials                  wipe_failed
-gw-08        the BMC answers 500                              wipe_failed
-gw-09        the BMC accepts resets, never changes power      wipe_failed
-gw-10        the SSH server refuses our key                   verify_failed
-gw-11        a check hangs                                    verify_failed
-gw-12        a check fails (a closed TCP port)                verify_failed
-gw-13        the IOC scan finds something                     quarantined
-gw-14        the deployment server reports another host key   verify_failed
-===========  ===============================================  =====================
+Every case of the live-driver issue is one host of the same wave, so the test also shows that one
+host's failure leaves the rest of the wave alone.
 """
 
 from __future__ import annotations
@@ -29,238 +11,63 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from restore_flows.drivers.fake import FakeDeployment
-from restore_flows.drivers.secrets import env_variable
 from restore_flows.drivers.ssh import describe_key, parse_host_key
 from restore_flows.ledger.db import make_engine
 from restore_flows.ledger.records import History
 from restore_flows.ledger.repository import Ledger
 from restore_flows.states import HostState
-from tests.drivers.redfish.scripted_bmc import ScriptedBmc
-from tests.peers.deploy import deploy_server
-from tests.peers.sshd import SshdHost, generate_key_pair, require_peers, sshd_hosts, unavailable_reason
-from tests.peers.sushy import SushySystem, loopback_http, sushy_command, sushy_emulator
-
-IMAGE = "win2022-gold-7"
-SERVERS = [f"gw-{n:02d}" for n in range(1, 7)]
-GOOD = [*SERVERS, "ws-01"]
-ON_SUSHY = [*SERVERS, "gw-07", "gw-10", "gw-11", "gw-12", "gw-13", "gw-14"]
-WITH_SSH = [*GOOD, "gw-10", "gw-11", "gw-12", "gw-13", "gw-14"]
-WS_MAC = "52:54:00:00:0a:01"
-BMC_PASSWORD = "Hosp1tal:BMC-pa55"  # a ':' inside: the secret is split at the first one only
-DEPLOY_TOKEN = "deploy-t0ken-9f8e7d"
+from tests.live.estate import BMC_PASSWORD, DEPLOY_TOKEN, GOOD, IMAGE, SERVERS, LiveEstate, live_estate
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @dataclass
 class Wave:
+    estate: LiveEstate
     result: subprocess.CompletedProcess[str]
-    ledger: Path
     records: Ledger
-    hosts: dict[str, SshdHost]
-    management: SshdHost
-    sushy_url: str
-    systems: dict[str, str]
     client: httpx.Client
-    logs: str
-    client_key: str
-    wrong_key: str
-    first_keys: dict[str, str]
-
-
-def _checks(host: SshdHost, name: str) -> list[dict[str, Any]]:
-    root = host.directory
-    checks: list[dict[str, Any]] = [
-        {"type": "golden_image", "command": f"cat {root}/image-id"},
-        {"type": "edr_agent", "service": "mdatp", "command": f"cat {root}/edr-state"},
-        {"type": "command", "command": "echo {host} ready", "output_pattern": f"^{name} ready$"},
-        {"type": "tcp_port", "port": host.port},
-        {"type": "ioc_scan", "command": f"cat {root}/ioc-findings"},
-    ]
-    if name == "gw-11":
-        checks.append({"type": "command", "command": "sleep 30", "timeout": 1})
-    if name == "gw-12":
-        checks.append({"type": "tcp_port", "port": 1, "timeout": 2})
-    return checks
-
-
-def _inventory(
-    directory: Path,
-    hosts: dict[str, SshdHost],
-    management: SshdHost,
-    sushy: Any,
-    scripted: dict[str, str],
-) -> Path:
-    entries: list[dict[str, Any]] = []
-    for name in [*[f"gw-{n:02d}" for n in range(1, 15)], "ws-01"]:
-        entry: dict[str, Any] = {"name": name, "role": "gw", "site": "arl"}
-        if name == "ws-01":
-            entry.update(role="ws", mac=WS_MAC)
-        elif name in sushy.systems:
-            entry["bmc"] = {
-                "address": sushy.url,
-                "system_id": sushy.systems[name],
-                "credentials_secret": "bmc-wrong" if name == "gw-07" else "bmc-arl",
-                "ca_bundle": str(sushy.ca_bundle),
-            }
-        else:
-            entry["bmc"] = {"address": scripted[name], "credentials_secret": "bmc-arl", "verify_tls": False}
-        if name in hosts:
-            peer = hosts[name]
-            entry["address"] = peer.address
-            entry["ssh"] = {
-                "user": peer.user,
-                "port": peer.port,
-                "host_key": peer.host_key_line,
-                "key_secret": "wrong-key" if name == "gw-10" else "ssh-client",
-                "shell": "posix",
-            }
-            entry["checks"] = _checks(peer, name)
-        entries.append(entry)
-    entries.append(
-        {
-            "name": "mgmt-01",
-            "role": "mgmt",
-            "site": "arl",
-            "address": management.address,
-            "ssh": {
-                "user": management.user,
-                "port": management.port,
-                "host_key": management.host_key_line,
-                "key_secret": "ssh-client",
-                "shell": "posix",
-            },
-        }
-    )
-    document = {
-        "waves": [{"name": "icu", "services": ["icu"]}, {"name": "rest", "services": ["*"]}],
-        "sites": [{"name": "arl", "kind": "hospital"}],
-        "roles": [
-            {"name": "gw", "kind": "server", "services": ["icu"], "golden_image": IMAGE},
-            {"name": "ws", "kind": "workstation", "services": ["icu"], "golden_image": IMAGE},
-            {"name": "mgmt", "kind": "server", "services": ["management"]},
-        ],
-        "hosts": entries,
-    }
-    directory.mkdir(parents=True)
-    (directory / "estate.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-    return directory
 
 
 @pytest.fixture(scope="module")
 def wave(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wave]:
-    require_peers(unavailable_reason())
-    require_peers(None if sushy_command() else "sushy-emulator is not installed")
-    tmp = tmp_path_factory.mktemp("live")
-    with ExitStack() as stack:
-        peers = stack.enter_context(sshd_hosts(tmp / "sshd", len(WITH_SSH) + 1))
-        hosts = dict(zip(WITH_SSH, peers, strict=False))
-        management = peers[-1]
-        first_keys = {name: peer.host_key_line for name, peer in hosts.items()}
-        for name, peer in hosts.items():
-            (peer.directory / "edr-state").write_text("active\n")
-            findings = "Trojan:Win32/Emotet.PX!MTB\n" if name == "gw-13" else ""
-            (peer.directory / "ioc-findings").write_text(findings)
-        impostor = generate_key_pair()
-
-        def install(host: str) -> str:
-            """The deployment server installs the image: new image id on disk, new host key."""
-            peer = hosts[host]
-            (peer.directory / "image-id").write_text(IMAGE + "\n")
-            new_key = peer.reimage()
-            return impostor.public_line if host == "gw-14" else new_key
-
-        state = FakeDeployment(new_host_key=install)
-        system_names = {name: name for name in ON_SUSHY}
-        deploy = stack.enter_context(deploy_server(state, system_names))
-        systems = [SushySystem(name, power_state="On", external_notifier=True) for name in ON_SUSHY]
-        sushy = stack.enter_context(
-            sushy_emulator(
-                tmp / "sushy", systems, auth=("admin", BMC_PASSWORD), tls=True, notify_url=deploy.notify_url
-            )
-        )
-        deploy.systems.update({uuid: name for name, uuid in sushy.systems.items()})
-        failing = stack.enter_context(
-            loopback_http(
-                lambda request: httpx.Response(500, json={"error": {"message": "BMC firmware fault"}})
-            )
-        )
-        stuck_bmc = ScriptedBmc(user="admin", password=BMC_PASSWORD, changes_power=False, sessions=False)
-        stuck = stack.enter_context(loopback_http(stuck_bmc.handle))
-        scripted = {"gw-08": failing.url, "gw-09": stuck.url}
-        inventory = _inventory(tmp / "inventory", hosts, management, sushy, scripted)
-
-        wrong_key = generate_key_pair().private_text
-        ledger = tmp / "ledger.sqlite3"
-        released = management.directory / "released"
-        environment = {
-            "RESTORE_DATABASE_URL": f"sqlite:///{ledger}",
-            "RESTORE_DATA_DIR": str(tmp / "data"),
-            "RESTORE_DEPLOYMENT_URL": deploy.url,
-            "RESTORE_DEPLOYMENT_TOKEN_SECRET": "deploy-token",
-            "RESTORE_MANAGEMENT_HOST": "mgmt-01",
-            "RESTORE_RELEASE_COMMAND": f"echo {{host}} >> {released}",
-            "RESTORE_SECRET_SOURCES": "env",
-            "RESTORE_LIVE_POLL_SECONDS": "0.2",
-            "RESTORE_POWER_TIMEOUT_SECONDS": "25",
-            "RESTORE_WOL_ADDRESS": "127.0.0.1",
-            "RESTORE_WOL_PORT": str(deploy.wol_port),
-            "RESTORE_WIPE_TIMEOUT_SECONDS": "60",
-            "RESTORE_INSTALL_TIMEOUT_SECONDS": "60",
-            "RESTORE_STAGE_ATTEMPTS": "2",
-            env_variable("bmc-arl"): f"admin:{BMC_PASSWORD}",
-            env_variable("bmc-wrong"): "admin:not-the-password",
-            env_variable("ssh-client"): peers[0].client_key_text,
-            env_variable("wrong-key"): wrong_key,
-            env_variable("deploy-token"): DEPLOY_TOKEN,
-        }
+    tmp: Path = tmp_path_factory.mktemp("live")
+    with live_estate(tmp) as estate:
         command = [sys.executable, "-m", "restore_flows", "--log-level", "DEBUG"]
-        env = {**os.environ, **environment}
+        env = {**os.environ, **estate.environment}
         upgraded = subprocess.run(
             [*command, "db", "upgrade"], env=env, capture_output=True, text=True, check=False
         )
         assert upgraded.returncode == 0, upgraded.stderr
+        run = [
+            *command,
+            "run",
+            "icu",
+            str(estate.inventory),
+            "--approver",
+            "Dr. Ada Osei",
+            "--confirm",
+            "icu",
+        ]
         try:
-            result = subprocess.run(
-                [*command, "run", "icu", str(inventory), "--approver", "Dr. Ada Osei", "--confirm", "icu"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=200,
-                check=False,
-            )
+            result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=200, check=False)
         except subprocess.TimeoutExpired as exc:
-            tail = (exc.stderr or b"")[-20000:]
             (tmp / "run-stderr.txt").write_bytes(exc.stderr or b"")
-            pytest.fail(f"restore run did not finish in 200 s; the end of its log:\n{tail!r}")
-        logs = result.stderr
-        client = stack.enter_context(sushy.client())
-        engine = make_engine(f"sqlite:///{ledger}")
-        stack.callback(engine.dispose)
-        yield Wave(
-            result,
-            ledger,
-            Ledger(engine),
-            hosts,
-            management,
-            sushy.url,
-            dict(sushy.systems),
-            client,
-            logs,
-            peers[0].client_key_text,
-            wrong_key,
-            first_keys,
-        )
+            pytest.fail(
+                f"restore run did not finish in 200 s; the end of its log:\n{(exc.stderr or b'')[-20000:]!r}"
+            )
+        engine = make_engine(f"sqlite:///{estate.ledger}")
+        try:
+            with estate.sushy.client() as client:
+                yield Wave(estate, result, Ledger(engine), client)
+        finally:
+            engine.dispose()
 
 
 def history_job(history: History) -> str:
@@ -273,7 +80,7 @@ def history_job(history: History) -> str:
 def test_the_healthy_hosts_are_wiped_reimaged_verified_and_released(wave: Wave) -> None:
     assert wave.result.returncode == 1, wave.result.stderr[-3000:]  # some hosts fail, by design
     assert "7 of 15 host(s) online" in wave.result.stdout
-    released = (wave.management.directory / "released").read_text().split()
+    released = (wave.estate.management.directory / "released").read_text().split()
     assert sorted(released) == GOOD
     ledger = wave.records
     for name in GOOD:
@@ -281,16 +88,16 @@ def test_the_healthy_hosts_are_wiped_reimaged_verified_and_released(wave: Wave) 
         assert history.host.state is HostState.ONLINE
         assert [t.event for t in history.transitions].count("start_wipe") == 1
         if name in SERVERS:
-            system = wave.client.get(f"{wave.sushy_url}/redfish/v1/Systems/{wave.systems[name]}").json()
+            system = wave.client.get(wave.estate.sushy.system_url(name)).json()
             # The BMC really powered the host back on, after a network boot override.
             assert system["PowerState"] == "On"
             assert system["Boot"]["BootSourceOverrideTarget"] == "Pxe"
         # (ws-01 has no BMC: it was woken by a magic packet, which the deployment server heard.)
-        peer = wave.hosts[name]
+        peer = wave.estate.hosts[name]
         assert (peer.directory / "image-id").read_text().strip() == IMAGE
         # The reinstall changed the host key that the inventory pinned; the checks could only run
         # over SSH because the key reported by the deployment server was pinned in its place.
-        assert peer.host_key_line != wave.first_keys[name]
+        assert peer.host_key_line != wave.estate.first_keys[name]
         reimaged = [t.detail for t in history.transitions if t.event == "reimage_done"]
         assert reimaged == [
             f"deployment job {history_job(history)} installed {IMAGE}; new host key "
@@ -330,17 +137,17 @@ def test_each_broken_host_ends_in_its_own_state_with_a_clear_error(wave: Wave) -
 
 
 def test_no_secret_appears_in_any_output_log_or_the_ledger(wave: Wave) -> None:
-    key_lines = [line for line in wave.client_key.splitlines() if line and "-----" not in line]
-    wrong_lines = [line for line in wave.wrong_key.splitlines() if line and "-----" not in line]
+    key_lines = [line for line in wave.estate.client_key.splitlines() if line and "-----" not in line]
+    wrong_lines = [line for line in wave.estate.wrong_key.splitlines() if line and "-----" not in line]
     secrets = [BMC_PASSWORD, "not-the-password", DEPLOY_TOKEN, *key_lines, *wrong_lines]
-    ledger = wave.ledger.read_bytes()
-    with sqlite3.connect(wave.ledger) as db:
+    ledger = wave.estate.ledger.read_bytes()
+    with sqlite3.connect(wave.estate.ledger) as db:
         dumped = "\n".join(db.iterdump())
     for secret in secrets:
         assert secret not in wave.result.stdout
-        assert secret not in wave.logs
+        assert secret not in wave.result.stderr
         assert secret.encode() not in ledger
         assert secret not in dumped
     # The capture worked: the drivers' and libraries' debug logs are in it.
-    assert "paramiko" in wave.logs
-    assert "httpx" in wave.logs
+    assert "paramiko" in wave.result.stderr
+    assert "httpx" in wave.result.stderr
