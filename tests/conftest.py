@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import socket
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from restore_flows.prefect_server import PrefectServer, running_server
 
 WriteInventory = Callable[..., Path]
 
@@ -41,3 +43,14 @@ def write_inventory(tmp_path: Path) -> WriteInventory:
         return directory
 
     return write
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real Prefect server on loopback, started once per test session by the first test that asks."""
+    home: Path = tmp_path_factory.mktemp("prefect-home")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    with running_server(home, port=port) as server:
+        yield server

@@ -9,35 +9,23 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from uuid import UUID
 
 import pytest
-from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
-    ArtifactCollectionFilter,
-    ArtifactCollectionFilterKey,
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import Scheduled
 from sqlalchemy import select
 
 from restore_flows.ledger.db import make_engine
-from restore_flows.ledger.repository import Ledger
 from restore_flows.ledger.tables import PoolClaimRow
-from restore_flows.prefect_server import PrefectServer, stop_process_group
+from restore_flows.prefect_server import PrefectServer
 from restore_flows.states import HostState
+from tests.flows.served import Served, api_client, eventually, final_state, latest_artifact, start_run
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,40 +67,6 @@ groups:
 """
 
 
-@dataclass
-class Served:
-    """A serve process for one test, with its inventory and rehearsal ledger."""
-
-    server: PrefectServer
-    env: dict[str, str]
-    ledger_url: str
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "restore_flows.serving", "10"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process_group(self.process, signal.SIGTERM, 20)
-
-    def ledger(self) -> Ledger:
-        return Ledger(make_engine(self.ledger_url))
-
-
 @pytest.fixture
 def served(prefect_api: PrefectServer, tmp_path: Path) -> Iterator[Served]:
     inventory = tmp_path / "inventory"
@@ -133,68 +87,24 @@ def served(prefect_api: PrefectServer, tmp_path: Path) -> Iterator[Served]:
     serving.stop()
 
 
-def _client(server: PrefectServer) -> SyncPrefectClient:
-    os.environ.update(server.client_env({}))
-    return get_client(sync_client=True)
-
-
-def _run(served: Served, deployment: str, **params: Any) -> UUID:
-    with _client(served.server) as client:
-        found = _eventually(lambda: client.read_deployment_by_name(deployment), timeout=90)
-        run = client.create_flow_run_from_deployment(found.id, parameters={"params": params})
-        return run.id
-
-
-def _eventually(probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    """Poll until ``probe`` returns a truthy value without raising; bounded."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-            if value:
-                return value
-        except Exception as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"not reached within {timeout} s (last error: {last!r})")
-
-
-def _final(served: Served, run_id: UUID, timeout: float = 180) -> State[Any]:
-    with _client(served.server) as client:
-        run: FlowRun = _eventually(
-            lambda: (r := client.read_flow_run(run_id)).state and r.state.is_final() and r, timeout
-        )
-        assert run.state is not None
-        return run.state
-
-
-def _latest(served: Served, key: str) -> Any:
-    with _client(served.server) as client:
-        found = client.read_latest_artifacts(
-            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key]))
-        )
-        return found[0].data if found else None
-
-
 def test_clean_waves_with_artifacts(served: Served) -> None:
-    core = _final(served, _run(served, "restore-wave/restore-wave", wave="core"))
+    core = final_state(served, start_run(served, "restore-wave/restore-wave", wave="core"))
     assert core.is_completed(), core.message
-    icu = _final(served, _run(served, "restore-wave/restore-wave", wave="icu"))
+    icu = final_state(served, start_run(served, "restore-wave/restore-wave", wave="icu"))
     assert icu.is_completed(), icu.message
     assert icu.message == "wave icu: all 9 host(s) online"
     ledger = served.ledger()
     states = ledger.states()
     assert all(states[n] is HostState.ONLINE for n in states if n.startswith(("gw", "ws-icu", "dc")))
-    assert _latest(served, "wave-icu-progress") == 100.0
-    assert float(_latest(served, "estate-progress")) == pytest.approx(100 * 10 / 16, abs=0.1)
-    assert "all online" in _latest(served, "wave-icu-summary")
-    assert "ws-icu" not in _latest(served, "wave-icu-summary")  # no failures listed
-    assert '"site": "arl"' in _latest(served, "wave-icu-sites")
-    assert "# Wave icu: estimated time to finish: 0 s" in _latest(served, "wave-icu-eta")
-    status = _final(served, _run(served, "restore-status/restore-status", mode="rehearsal"))
+    assert latest_artifact(served, "wave-icu-progress") == 100.0
+    assert float(latest_artifact(served, "estate-progress")) == pytest.approx(100 * 10 / 16, abs=0.1)
+    assert "all online" in latest_artifact(served, "wave-icu-summary")
+    assert "ws-icu" not in latest_artifact(served, "wave-icu-summary")  # no failures listed
+    assert '"site": "arl"' in latest_artifact(served, "wave-icu-sites")
+    assert "# Wave icu: estimated time to finish: 0 s" in latest_artifact(served, "wave-icu-eta")
+    status = final_state(served, start_run(served, "restore-status/restore-status", mode="rehearsal"))
     assert status.message == f"{round(100 * 10 / 16, 1)}% of the estate online"
-    rows = json.loads(_latest(served, "estate-status"))
+    rows = json.loads(latest_artifact(served, "estate-status"))
     assert [(r["wave"], r["online"], r["total"]) for r in rows][:3] == [
         ("core", 1, 1),
         ("icu", 9, 9),
@@ -208,19 +118,19 @@ def test_clean_waves_with_artifacts(served: Served) -> None:
 
 
 def test_injected_failure_blocks_dependents_and_fails_the_run(served: Served) -> None:
-    assert _final(served, _run(served, "restore-wave/restore-wave", wave="core")).is_completed()
-    run_id = _run(served, "restore-wave/restore-wave", wave="icu", broken_hosts=["gw-02"])
-    state = _final(served, run_id)
+    assert final_state(served, start_run(served, "restore-wave/restore-wave", wave="core")).is_completed()
+    run_id = start_run(served, "restore-wave/restore-wave", wave="icu", broken_hosts=["gw-02"])
+    state = final_state(served, run_id)
     assert state.is_failed()
-    with _client(served.server) as client:
+    with api_client(served.server) as client:
         # Engineers see in the run's logs why a host did not move.
         def logged() -> bool:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
             return any(log.message.startswith("ws-icu-07: blocked: gw-02 (wave icu) failed") for log in logs)
 
-        assert _eventually(logged, timeout=30)
+        assert eventually(logged, timeout=30)
     assert state.message == "wave icu: 1 failed, 1 blocked, 7 online"
-    summary = _latest(served, "wave-icu-summary")
+    summary = latest_artifact(served, "wave-icu-summary")
     assert "| gw-02 | wipe_failed | gw-02: wipe: simulated permanent failure |" in summary
     assert "| ws-icu-07 | blocked: gw-02 (wave icu) failed" in summary
     ledger = served.ledger()
@@ -229,9 +139,9 @@ def test_injected_failure_blocks_dependents_and_fails_the_run(served: Served) ->
 
 
 def test_approval_through_the_api_is_recorded(served: Served) -> None:
-    run_id = _run(served, "restore-wave/restore-wave", wave="core", ask_approval=True)
-    with _client(served.server) as client:
-        paused = _eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 120)
+    run_id = start_run(served, "restore-wave/restore-wave", wave="core", ask_approval=True)
+    with api_client(served.server) as client:
+        paused = eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 120)
         assert paused
         assert served.ledger().history("dc-01").transitions[-1].event == "enroll"  # nothing before
         wrong = client.resume_flow_run(run_id, run_input={"approver": "", "confirm_wave": "core"})
@@ -240,7 +150,7 @@ def test_approval_through_the_api_is_recorded(served: Served) -> None:
             run_id, run_input={"approver": "Dr. Ada Osei", "confirm_wave": "core"}
         )
         assert answer.status.value == "ACCEPT"
-    state = _final(served, run_id)
+    state = final_state(served, run_id)
     assert state.is_completed(), state.message
     approval = served.ledger().history("dc-01").approvals[0]
     assert (approval.approver, approval.automatic) == ("Dr. Ada Osei", False)
@@ -248,14 +158,14 @@ def test_approval_through_the_api_is_recorded(served: Served) -> None:
 
 
 def test_approval_timeout_wipes_nothing(served: Served) -> None:
-    run_id = _run(
+    run_id = start_run(
         served, "restore-wave/restore-wave", wave="core", ask_approval=True, approval_timeout_minutes=0.05
     )
-    assert _final(served, run_id).is_failed()
+    assert final_state(served, run_id).is_failed()
     # The server's pause-expiry service may fail the run first, in its own words; the flow then
     # replaces them with its own, which say that nothing was wiped.
-    with _client(served.server) as client:
-        ours = _eventually(
+    with api_client(served.server) as client:
+        ours = eventually(
             lambda: (
                 (s := client.read_flow_run(run_id).state) is not None
                 and s.is_failed()
@@ -271,12 +181,12 @@ def test_approval_timeout_wipes_nothing(served: Served) -> None:
 
 
 def test_overlapping_runs_share_the_pool_icu_first(served: Served) -> None:
-    assert _final(served, _run(served, "restore-wave/restore-wave", wave="core")).is_completed()
+    assert final_state(served, start_run(served, "restore-wave/restore-wave", wave="core")).is_completed()
     # Both waves reimage through one imaging slot; each reimage takes a moment of real time.
-    lab = _run(served, "restore-wave/restore-wave", wave="lab", time_scale=0.002, workers=8)
-    icu = _run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002, workers=8)
-    assert _final(served, icu).is_completed()
-    assert _final(served, lab).is_completed()
+    lab = start_run(served, "restore-wave/restore-wave", wave="lab", time_scale=0.002, workers=8)
+    icu = start_run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002, workers=8)
+    assert final_state(served, icu).is_completed()
+    assert final_state(served, lab).is_completed()
     ledger = served.ledger()
     for name, state in ledger.states().items():
         assert state is HostState.ONLINE
@@ -301,8 +211,8 @@ def test_overlapping_runs_share_the_pool_icu_first(served: Served) -> None:
 
 
 def test_killed_serve_process_resumes_without_repeating_a_wipe(served: Served) -> None:
-    assert _final(served, _run(served, "restore-wave/restore-wave", wave="core")).is_completed()
-    run_id = _run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002, workers=2)
+    assert final_state(served, start_run(served, "restore-wave/restore-wave", wave="core")).is_completed()
+    run_id = start_run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002, workers=2)
     ledger = served.ledger()
 
     def midway() -> bool:
@@ -310,12 +220,12 @@ def test_killed_serve_process_resumes_without_repeating_a_wipe(served: Served) -
         icu = [s for n, s in states.items() if n.startswith(("gw", "ws-icu"))]
         return any(s is HostState.ONLINE for s in icu) and any(s is not HostState.ONLINE for s in icu)
 
-    _eventually(midway, timeout=120, interval=0.05)
+    eventually(midway, timeout=120, interval=0.05)
     served.kill()  # the serve process and the flow run's process, SIGKILL: no clean-up at all
-    with _client(served.server) as client:
+    with api_client(served.server) as client:
         client.set_flow_run_state(run_id, Scheduled(message="resumed after a crash"), force=True)
     served.start()
-    state = _final(served, run_id, timeout=240)
+    state = final_state(served, run_id, timeout=240)
     assert state.is_completed(), state.message
     icu = [n for n in ledger.states() if n.startswith(("gw", "ws-icu"))]
     assert len(icu) == 9
