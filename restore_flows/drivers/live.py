@@ -8,7 +8,8 @@
 * reimage: the same job goes on to install; the stage ends when the server reports the expected image,
   and the new SSH host key from the server's report is pinned (never the key the host presents).
 * verify: every check of the host (:mod:`restore_flows.drivers.checks`).
-* restore from backup and network release: command templates run over SSH on a management host.
+* restore from backup (VM servers, whose wipe is the restore itself) and network release: command
+  templates run over SSH on a management host.
 * evidence: taken by the forensic team and registered by hand (``restore evidence add``); a live run
   never images a disk for forensics on its own.
 
@@ -40,7 +41,7 @@ from restore_flows.drivers.commands import Dialect, command_line, render
 from restore_flows.drivers.deployment import PROGRESS, Deployment, DeploymentStatus, Phase, wait_for_phase
 from restore_flows.drivers.wol import WakeOnLan
 from restore_flows.inventory.estate import Host
-from restore_flows.inventory.models import Stage
+from restore_flows.inventory.models import RestoreMethod, Stage
 
 
 class Verifier(Protocol):
@@ -87,6 +88,10 @@ class LiveFleet:
         )
 
     def wipe(self, host: Host) -> str | None:
+        if host.restore_method is RestoreMethod.BACKUP:
+            # A VM server is rebuilt by restoring its disks from backup, which replaces them whole; there
+            # is nothing to boot from the network and no separate wipe to run.
+            return "VM server: its disks are replaced by the backup restore that follows"
         image = self._image(host, Stage.WIPE)
         method = host.drivers.imaging or ("wol" if host.bmc is None and host.mac else "pxe")
         power = self._power(host, Stage.WIPE) if method == "pxe" else None

@@ -35,8 +35,10 @@ roles:
     golden_image: win2022-gold-7
     ssh: {user: restore, host_key: "ssh-ed25519 AAAAold", key_secret: ssh-key, shell: posix}
   - {name: mgmt, kind: server, services: [mgmt], ssh: {user: ops, key_secret: ssh-key, shell: posix}}
+  - {name: vm, kind: server, services: [emr], restore_method: backup, checks: [{type: tcp_port, port: 443}]}
 hosts:
   - {name: mgmt-01, role: mgmt, site: arl, address: 127.0.0.1}
+  - {name: "emr-db'01", role: vm, site: arl}
 groups:
   - defaults: {role: gw, site: arl}
     hosts:
@@ -46,6 +48,7 @@ groups:
 """
 FAST = PipelineSettings(backoff_seconds=(0.0,), slot_poll_seconds=0.01)
 RELEASE = "move-to-production --host {host}"
+BACKUP = "restore-vm --name {host}"
 
 
 class Checks:
@@ -82,14 +85,17 @@ def _fleet(the_plan: Plan, deployment: FakeDeployment, shell: FakeShell) -> tupl
         deployment=deployment,
         checks=Checks(),
         hosts=the_plan.estate.hosts,
-        settings=LiveSettings(poll_seconds=0, management_host="mgmt-01", release_command=RELEASE),
+        settings=LiveSettings(
+            poll_seconds=0, management_host="mgmt-01", release_command=RELEASE, backup_command=BACKUP
+        ),
         sleep=lambda seconds: None,
     )
     return fleet, power
 
 
 def _released(host: Host, command: str) -> CommandResult | None:
-    return CommandResult(0, "moved\n", "") if command.startswith("move-to-production") else None
+    done = command.startswith(("move-to-production", "restore-vm"))
+    return CommandResult(0, "done\n", "") if done else None
 
 
 def test_a_live_wave_wipes_by_network_boot_pins_the_reported_key_and_releases(
@@ -187,3 +193,26 @@ def test_resume_trusts_the_deployment_servers_facts_not_the_clock(the_plan: Plan
     # An install that ended before the interrupted stage started says nothing about that stage.
     assert not fleet.stage_finished(host, Stage.REIMAGE, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
     assert not fleet.stage_finished(host, Stage.RELEASE, before)
+
+
+def test_a_vm_server_is_rebuilt_from_backup_by_the_management_host(ledger: Ledger, the_plan: Plan) -> None:
+    deployment = FakeDeployment()
+    shell = FakeShell(responders=[_released])
+    fleet, power = _fleet(the_plan, deployment, shell)
+    name = "emr-db'01"
+    run_wave_threads(
+        ledger,
+        the_plan,
+        fleet,
+        WaveRequest("rest", mode="live", hosts=(name,)),
+        settings=FAST,
+        approver="Dr. O",
+    )
+    assert ledger.host(name).state is HostState.ONLINE
+    assert ("mgmt-01", f"restore-vm --name {quote(name, Dialect.POSIX)}") in shell.commands
+    assert quote(name, Dialect.POSIX) == "'emr-db'\"'\"'01'"  # the quote in the name stays data
+    assert deployment.status(name) is None  # no network boot for a VM
+    assert not [call for host, call in power.calls if host == name]
+    details = {t.event: t.detail for t in ledger.history(name).transitions}
+    assert details["wipe_done"] == "VM server: its disks are replaced by the backup restore that follows"
+    assert details["restore_done"] == "backup_command ran on mgmt-01"
