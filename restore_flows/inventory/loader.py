@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -472,6 +473,15 @@ class _Loader:
                 self.error(*host_layer.where("name"), str(exc))
                 self.broken["hosts"].add(entry.spec.name)
                 continue
+            # A host name reaches shells, URLs and the deployment server: DNS-like names only.
+            if not HOST_NAME.match(names[0]) or not HOST_NAME.match(names[-1]):
+                self.error(
+                    *host_layer.where("name"),
+                    f"host name {entry.spec.name!r}: only letters, digits, '.', '_' and '-', "
+                    "starting with a letter or digit",
+                )
+                self.broken["hosts"].update(names)
+                continue
             name_location = Location(*host_layer.where("name")[:2])
             duplicates: list[str] = []
             host = self._make_host(names[0], entry, sources, sites, pools, name_location)
@@ -656,6 +666,9 @@ def _first_layer_with(layers: tuple[_Layer, ...], key: str) -> tuple[str, int, s
 
 def _rename(host: Host, name: str) -> Host:
     return replace(host, name=name)
+
+
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _safe_expand(pattern: str) -> list[str]:
