@@ -90,6 +90,20 @@ def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = Non
                 )
             )
             deployment = DeploymentServerClient(http, token)
+        integrations = None
+        if settings.backup_url or settings.release_url:
+            headers = {}
+            if settings.integrations_token_secret:
+                bearer = secrets.get(settings.integrations_token_secret).get_secret_value()
+                headers["Authorization"] = f"Bearer {bearer}"
+            integrations = stack.enter_context(
+                httpx.Client(
+                    headers=headers,
+                    verify=ssl.create_default_context(cafile=settings.integrations_ca_bundle),
+                    timeout=60.0,
+                    trust_env=False,
+                )
+            )
         yield LiveFleet(
             power={"redfish": power},
             shell=shell,
@@ -103,6 +117,9 @@ def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = Non
                 management_host=settings.management_host,
                 backup_command=settings.backup_command,
                 release_command=settings.release_command,
+                backup_url=settings.backup_url,
+                release_url=settings.release_url,
             ),
+            http=integrations,
             wol=WakeOnLan(settings.wol_address, settings.wol_port),
         )

@@ -71,6 +71,21 @@ class Settings(BaseSettings):
         default=None,
         description="Template run on the management host to move a host to production ({host}, {address}).",
     )
+    backup_url: str | None = Field(
+        default=None,
+        description="URL template POSTed to restore a VM (drivers.backup: http): {host}, {address}.",
+    )
+    release_url: str | None = Field(
+        default=None,
+        description="URL template POSTed to release a host (drivers.network: http): {host}, {address}.",
+    )
+    integrations_ca_bundle: str | None = Field(
+        default=None, description="CA bundle for the backup and network APIs' TLS (default: the system's)."
+    )
+    integrations_token_secret: str | None = Field(
+        default=None,
+        description="Name of the secret holding the bearer token of the backup and network APIs.",
+    )
     secret_sources: str = Field(
         default="env,prefect",
         description="Secret sources in order: 'env' (RESTORE_SECRET_<NAME>), 'prefect' (Secret blocks).",

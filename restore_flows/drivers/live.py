@@ -23,15 +23,20 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import quote
+
+import httpx
 
 from restore_flows.drivers.base import (
     BootDevice,
     DriverError,
+    DriverTimeout,
     Evidence,
     PowerDriver,
     ShellDriver,
@@ -60,6 +65,10 @@ class LiveSettings:
     release_command: str | None = None
     """Template run on the management host to move a host from the quarantine VLAN to production."""
     command_timeout: float = 1800.0
+    backup_url: str | None = None
+    """URL template POSTed to restore a VM from backup ({host}, {address}, {mac}, URL-quoted)."""
+    release_url: str | None = None
+    """URL template POSTed to move a host to production ({host}, {address}, {mac}, URL-quoted)."""
 
 
 @dataclass
@@ -72,6 +81,9 @@ class LiveFleet:
     hosts: Mapping[str, Host]
     settings: LiveSettings = field(default_factory=LiveSettings)
     wol: WakeOnLan = field(default_factory=WakeOnLan)
+    http: httpx.Client | None = None
+    """For backup restores and releases done by HTTP calls (a hypervisor's or a network manager's API);
+    its base URL, TLS and token are the caller's."""
     clock: Callable[[], float] = time.monotonic
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     sleep: Callable[[float], None] = time.sleep
@@ -134,12 +146,16 @@ class LiveFleet:
         return self._accept_install(host, image, status)
 
     def restore_backup(self, host: Host) -> str | None:
+        if (host.drivers.backup or "command") == "http":
+            return self._http_call(host, Stage.RESTORE, self.settings.backup_url, "backup_url")
         return self._management(host, Stage.RESTORE, self.settings.backup_command, "backup_command")
 
     def verify(self, host: Host) -> Verification:
         return self.checks.verify(host)
 
     def release(self, host: Host) -> str | None:
+        if (host.drivers.network or "command") == "http":
+            return self._http_call(host, Stage.RELEASE, self.settings.release_url, "release_url")
         return self._management(host, Stage.RELEASE, self.settings.release_command, "release_command")
 
     def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
@@ -230,6 +246,29 @@ class LiveFleet:
                 f"{setting} on {manager.name} exited {result.exit_status}: {result.stderr.strip()[:200]}",
             )
         return f"{setting} ran on {manager.name}"
+
+    def _http_call(self, host: Host, stage: Stage, template: str | None, setting: str) -> str:
+        if template is None or self.http is None:
+            raise DriverError(host.name, stage, f"no {setting} configured for {stage.value}", retryable=False)
+        values = {"host": host.name, "address": host.address or "", "mac": host.mac or ""}
+        # Values are URL-quoted whole, so that nothing from the inventory can change the path or query.
+        url = re.sub(r"\{(host|address|mac)\}", lambda m: quote(values[m.group(1)], safe=""), template)
+        try:
+            response = self.http.post(url, json=values, timeout=self.settings.command_timeout)
+        except httpx.TimeoutException as exc:
+            raise DriverTimeout(host.name, stage, f"{setting}: POST {url} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise DriverError(
+                host.name, stage, f"{setting}: POST {url} failed ({type(exc).__name__})"
+            ) from exc
+        if response.status_code >= 300:
+            raise DriverError(
+                host.name,
+                stage,
+                f"{setting}: POST {url} answered {response.status_code}: {response.text.strip()[:200]}",
+                retryable=response.status_code >= 500 or response.status_code in (408, 429),
+            )
+        return f"{setting}: POST {url} answered {response.status_code}"
 
 
 def key_fingerprint(line: str) -> str:

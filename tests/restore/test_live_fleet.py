@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 
-from restore_flows.drivers.base import BootDevice, CommandResult, Verification
+from restore_flows.drivers.base import BootDevice, CommandResult, DriverError, Verification
 from restore_flows.drivers.commands import Dialect, quote
 from restore_flows.drivers.fake import FakeDeployment, FakePower, FakeShell
 from restore_flows.drivers.live import LiveFleet, LiveSettings
@@ -21,6 +23,7 @@ from restore_flows.planning import Plan, plan
 from restore_flows.states import HostState
 from restore_flows.waves import WaveRequest, run_wave_threads
 from tests.conftest import WriteInventory
+from tests.peers.sushy import loopback_http
 
 ESTATE = """
 waves:
@@ -39,6 +42,7 @@ roles:
 hosts:
   - {name: mgmt-01, role: mgmt, site: arl, address: 127.0.0.1}
   - {name: emr-db-01, role: vm, site: arl}
+  - {name: lis-db-01, role: vm, site: arl, address: 10.20.0.7, drivers: {backup: http, network: http}}
 groups:
   - defaults: {role: gw, site: arl}
     hosts:
@@ -215,3 +219,48 @@ def test_a_vm_server_is_rebuilt_from_backup_by_the_management_host(ledger: Ledge
     details = {t.event: t.detail for t in ledger.history(name).transitions}
     assert details["wipe_done"] == "VM server: its disks are replaced by the backup restore that follows"
     assert details["restore_done"] == "backup_command ran on mgmt-01"
+
+
+def test_backup_restore_and_release_by_http_calls(ledger: Ledger, the_plan: Plan) -> None:
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/fail"):
+            return httpx.Response(409, text="VM is locked by a snapshot job")
+        return httpx.Response(202, json={"accepted": True})
+
+    with loopback_http(api) as service, httpx.Client(headers={"Authorization": "Bearer t"}) as http:
+        fleet, _ = _fleet(the_plan, FakeDeployment(), FakeShell())
+        fleet.http = http
+        fleet.settings = LiveSettings(
+            poll_seconds=0,
+            backup_url=service.url + "/vms/{host}/restore?ip={address}",
+            release_url=service.url + "/ports/{host}/production",
+        )
+        run_wave_threads(
+            ledger,
+            the_plan,
+            fleet,
+            WaveRequest("rest", mode="live", hosts=("lis-db-01",)),
+            settings=FAST,
+            approver="Dr. O",
+        )
+        assert ledger.host("lis-db-01").state is HostState.ONLINE
+        posted = [
+            (r.method, r.url.path, r.url.query.decode(), json.loads(r.content)) for r in service.requests
+        ]
+        body = {"host": "lis-db-01", "address": "10.20.0.7", "mac": ""}
+        assert posted == [
+            ("POST", "/vms/lis-db-01/restore", "ip=10.20.0.7", body),
+            ("POST", "/ports/lis-db-01/production", "", body),
+        ]
+        assert all(r.headers["Authorization"] == "Bearer t" for r in service.requests)
+        details = {t.event: t.detail for t in ledger.history("lis-db-01").transitions}
+        assert (
+            details["restore_done"]
+            == f"backup_url: POST {service.url}/vms/lis-db-01/restore?ip=10.20.0.7 answered 202"
+        )
+
+        # A refusal is an error that names the call and what the service said; a 4xx is not retried.
+        fleet.settings = LiveSettings(backup_url=service.url + "/vms/{host}/fail")
+        with pytest.raises(DriverError, match="answered 409: VM is locked by a snapshot job") as refused:
+            fleet.restore_backup(the_plan.estate.hosts["lis-db-01"])
+        assert not refused.value.retryable
