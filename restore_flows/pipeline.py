@@ -11,9 +11,12 @@ Pools are claimed per stage (``Slots.hold``), waiting in clinical-priority order
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from restore_flows.drivers.base import DriverError, Fleet
@@ -24,6 +27,8 @@ from restore_flows.ledger.records import Lease
 from restore_flows.ledger.repository import Ledger
 from restore_flows.settings import Settings
 from restore_flows.states import FAILED, Event, HostState
+
+log = logging.getLogger(__name__)
 
 # Which stage a failed state belongs to, and whether repeating that stage changes a disk.
 FAILED_STAGE: Mapping[HostState, Stage] = {
@@ -174,10 +179,11 @@ class HostPipeline:
                 priority=self.priority(host),
                 seconds=self.settings.lease_seconds,
                 poll=self.settings.slot_poll_seconds,
-            ):
+            ) as claims:
                 state = self._apply(lease, host, START_EVENT[stage], stage)
                 try:
-                    state = self._perform(host, lease, stage)
+                    with self._kept_alive(lease, claims):
+                        state = self._perform(host, lease, stage)
                 except _Quarantined as exc:
                     return HostOutcome(host.name, exc.state, exc.detail, stage.value)
                 except DriverError as exc:
@@ -259,6 +265,31 @@ class HostPipeline:
         state = self.ledger.apply(lease, event, actor=self.actor, detail=detail, error=error)
         self.on_stage(host.name, stage, state)
         return state
+
+    @contextmanager
+    def _kept_alive(self, lease: Lease, claims: Sequence[int]) -> Iterator[None]:
+        """Renew the lease and the pool claims while a stage runs: a live install takes longer than a
+        lease, and a lease that lapsed mid-stage would let another run take the host over."""
+        stop = threading.Event()
+        seconds = self.settings.lease_seconds
+
+        def beat() -> None:
+            while not stop.wait(seconds / 3):
+                try:
+                    self.ledger.renew(lease, seconds)
+                    self.ledger.slots.renew(claims, seconds)
+                except LeaseLost:
+                    return  # taken over: the stage's next write is refused and the run stops there
+                except Exception:  # a database hiccup: the next beat tries again, well within the lease
+                    log.warning("%s: could not renew the lease", lease.host, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"lease-{lease.host}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _fresh(self, lease: Lease) -> Lease:
         """Renew the lease before a stage if less than half of it is left."""

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import threading
+import time
 from collections import Counter
 
 import pytest
+from sqlalchemy import Engine
 
 from restore_flows.dispatch import HostProgress, RunSummary, Status
 from restore_flows.drivers.fake import SimulatedFleet
+from restore_flows.errors import LeaseHeld
+from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
 from restore_flows.ledger.repository import Ledger
 from restore_flows.pipeline import HostPipeline, PipelineSettings
@@ -251,3 +256,40 @@ def test_dependencies_already_online_do_not_hold_a_resumed_run(ledger: Ledger, s
     _, whole = _run(ledger, small_plan, fleet, "icu")
     assert whole.ok, [(p.host, p.status, p.reason) for p in whole.hosts.values()]
     assert ledger.host("ws-01").state is HostState.ONLINE
+
+
+def test_a_stage_longer_than_the_lease_keeps_the_host(engine: Engine, small_plan: Plan, clock: Clock) -> None:
+    """A live install outlasts a lease: the run renews it while the stage runs, so no other run can
+    take the host over meanwhile. The ledger's clock is moved by hand, well past the first lease."""
+    ledger = Ledger(engine, clock=clock)
+    ledger.sync_inventory(small_plan.estate, small_plan)
+    entered, finish = threading.Event(), threading.Event()
+
+    class SlowWipe(SimulatedFleet):
+        def wipe(self, host: Host) -> None:
+            entered.set()
+            assert finish.wait(30)
+
+    run_id = ledger.start_run("rehearsal", "core", "test")
+    ledger.record_approval(run_id, "core", ["gw-01"], "Dr. A", "gw-01")
+    settings = PipelineSettings(lease_seconds=0.6, backoff_seconds=(0.0,), slot_poll_seconds=0.01)
+    pipeline = HostPipeline(ledger, SlowWipe(), run_id, "test", settings)
+    outcome: list[HostState] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(pipeline.run(small_plan.estate.hosts["gw-01"]).state)
+    )
+    worker.start()
+    assert entered.wait(10)
+    other = ledger.start_run("rehearsal", "core", "another operator")
+    for _ in range(5):  # 5 x 0.4 s of ledger time: three times the lease
+        clock.advance(0.4)
+        renewed = clock.now + dt.timedelta(seconds=0.6)
+        deadline = time.monotonic() + 10
+        while ledger.host("gw-01").lease_expires != renewed:
+            assert time.monotonic() < deadline, "the lease was not renewed during the stage"
+            time.sleep(0.02)
+        with pytest.raises(LeaseHeld):
+            ledger.acquire("gw-01", other, 60)
+    finish.set()
+    worker.join(30)
+    assert outcome == [HostState.ONLINE]
