@@ -11,7 +11,14 @@
         ├── LeaseHeld         another run holds the host's lease
         └── LeaseLost         this run's lease expired or was taken over: it must stop writing
 
-Later layers (drivers) add their branches here, kept shallow.
+The drivers add theirs where they are defined, kept shallow:
+
+    RestoreError
+    ├── DriverError           a stage could not be done on a host; ``retryable`` (drivers.base)
+    │   ├── DriverTimeout     a remote action did not finish in time
+    │   └── RedfishError      a BMC's answer, by status: access, not found, conflict, server (drivers.redfish)
+    ├── SecretNotFound        no secret source knows the name (drivers.secrets)
+    └── TemplateError         a command template or value that cannot be made safe (drivers.commands)
 """
 
 from __future__ import annotations
