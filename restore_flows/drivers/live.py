@@ -85,7 +85,6 @@ class LiveFleet:
     """For backup restores and releases done by HTTP calls (a hypervisor's or a network manager's API);
     its base URL, TLS and token are the caller's."""
     clock: Callable[[], float] = time.monotonic
-    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     sleep: Callable[[float], None] = time.sleep
     _jobs: dict[str, str] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
