@@ -118,6 +118,8 @@ STATUS_ERRORS: Final[Mapping[int, tuple[type[RedfishError], bool]]] = {
     403: (RedfishAccessError, False),
     404: (RedfishNotFound, False),
     409: (RedfishConflict, True),
+    # 412: the resource changed between our read and our PATCH (its ETag no longer matches): read again.
+    412: (RedfishConflict, True),
     429: (RedfishError, True),
     # 501: the BMC does not implement the request (e.g. a reset type); asking again will not help.
     501: (RedfishServerError, False),
@@ -369,7 +371,8 @@ class RedfishPower:
         conn = self._connect(host)
         target = BOOT_TARGETS[device]
         system_path = self._system(host, conn)
-        boot = _object(self._get(host, conn, system_path).get("Boot"))
+        read = self._request(host, conn, "GET", system_path)
+        boot = _object(_json_object(read, lambda: self._not_json(host, conn, system_path)).get("Boot"))
         allowed = boot.get("BootSourceOverrideTarget@Redfish.AllowableValues")
         if isinstance(allowed, list) and allowed and target not in allowed:
             raise DriverError(
@@ -379,7 +382,11 @@ class RedfishPower:
                 retryable=False,
             )
         patch = {"Boot": {"BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": "Once"}}
-        self._request(host, conn, "PATCH", system_path, body=patch)
+        # Some BMCs (HPE iLO among them) refuse a PATCH without the ETag of what was read (HTTP 428):
+        # send it when the BMC gave one, so that a change made meanwhile is refused (412), not overwritten.
+        etag = read.headers.get("ETag")
+        headers = {"If-Match": etag} if etag else None
+        self._request(host, conn, "PATCH", system_path, body=patch, headers=headers)
         boot = _object(self._get(host, conn, system_path).get("Boot"))
         if boot.get("BootSourceOverrideTarget") != target:
             raise DriverError(
@@ -732,11 +739,18 @@ class RedfishPower:
         return _json_object(self._request(host, conn, "GET", path), lambda: self._not_json(host, conn, path))
 
     def _request(
-        self, host: Host, conn: _Connection, method: str, path: str, *, body: object = None
+        self,
+        host: Host,
+        conn: _Connection,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         used = conn.token
         try:
-            return self._send(host, conn, method, path, body=body)
+            return self._send(host, conn, method, path, body=body, extra=headers)
         except RedfishAccessError as exc:
             if exc.status != 401:  # 403: known, but not allowed; logging in again changes nothing
                 raise
@@ -752,15 +766,23 @@ class RedfishPower:
                 conn.session_uri = None
                 self._create_session(host, conn)
         try:
-            return self._send(host, conn, method, path, body=body)
+            return self._send(host, conn, method, path, body=body, extra=headers)
         except RedfishAccessError:
             self._retire(conn)
             raise
 
     def _send(
-        self, host: Host, conn: _Connection, method: str, path: str, *, body: object = None, auth: bool = True
+        self,
+        host: Host,
+        conn: _Connection,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        auth: bool = True,
+        extra: Mapping[str, str] | None = None,
     ) -> httpx.Response:
-        headers = {"Accept": "application/json", "OData-Version": "4.0"}
+        headers = {"Accept": "application/json", "OData-Version": "4.0", **(extra or {})}
         content: bytes | None = None
         if body is not None:
             # sushy-tools answers 415 without this header, and so do strict BMCs.

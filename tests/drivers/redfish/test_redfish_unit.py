@@ -497,6 +497,20 @@ def test_boot_once_patches_the_override(
     assert scripted.system["Boot"]["BootSourceOverrideTarget"] == target
 
 
+def test_boot_once_sends_the_etag_it_read_when_the_bmc_gives_one(
+    make_driver: MakeDriver, scripted: ScriptedBmc, host: Host
+) -> None:
+    driver = make_driver()
+    driver.power_state(host)  # discovery first: the next GET of the system is boot_once's own
+    scripted.queue("GET", SYSTEM, json_response(200, scripted.system, {"ETag": 'W/"rev-41"'}))
+    driver.boot_once(host, BootDevice.PXE)
+    (patch,) = scripted.sent("PATCH", SYSTEM)
+    assert patch.headers["If-Match"] == 'W/"rev-41"'
+    # Without an ETag, no If-Match: a BMC that gives none would refuse a guessed one.
+    make_driver().boot_once(host, BootDevice.CD)
+    assert "If-Match" not in scripted.sent("PATCH", SYSTEM)[-1].headers
+
+
 def test_boot_once_fails_when_the_target_does_not_read_back(
     make_driver: MakeDriver, scripted: ScriptedBmc, host: Host
 ) -> None:
