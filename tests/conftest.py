@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from restore_flows.prefect_server import PrefectServer, running_server
+from restore_flows.prefect_server import PrefectServer, drain_clients, running_server
 
 WriteInventory = Callable[..., Path]
 
@@ -29,6 +29,15 @@ def _no_outside_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(autouse=True)
+def _no_prefect_workers_left() -> Iterator[None]:
+    """Stop the Prefect event and log workers a test started in this process. Left running, they
+    reconnect with jittered backoff drawn from the global ``random``, which hypothesis (rightly)
+    reports as a strategy using ``random`` when it happens during a later property test."""
+    yield
+    drain_clients(timeout=10)
 
 
 @pytest.fixture
