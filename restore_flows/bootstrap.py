@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
@@ -20,6 +20,8 @@ from restore_flows.planning import Plan, plan
 from restore_flows.settings import Settings
 
 if TYPE_CHECKING:
+    import httpx
+
     from restore_flows.drivers.live import LiveFleet
     from restore_flows.drivers.secrets import Secrets
 
@@ -61,8 +63,6 @@ def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = Non
     """The real fleet for a live run: Redfish, SSH, the deployment server and the checks, closed after."""
     # Imported here: paramiko and the drivers are only needed by live runs, and 'restore validate' or
     # 'restore plan' should start quickly.
-    import httpx
-
     from restore_flows.drivers.checks import CheckRunner
     from restore_flows.drivers.deployment import DeploymentServerClient
     from restore_flows.drivers.live import LiveFleet, LiveSettings
@@ -82,12 +82,7 @@ def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = Non
                 secrets.get(settings.deployment_token_secret) if settings.deployment_token_secret else None
             )
             http = stack.enter_context(
-                httpx.Client(
-                    base_url=settings.deployment_url,
-                    verify=ssl.create_default_context(cafile=settings.deployment_ca_bundle),
-                    timeout=30.0,
-                    trust_env=False,
-                )
+                _api_client(settings.deployment_ca_bundle, 30.0, base_url=settings.deployment_url)
             )
             deployment = DeploymentServerClient(http, token)
         integrations = None
@@ -97,12 +92,7 @@ def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = Non
                 bearer = secrets.get(settings.integrations_token_secret).get_secret_value()
                 headers["Authorization"] = f"Bearer {bearer}"
             integrations = stack.enter_context(
-                httpx.Client(
-                    headers=headers,
-                    verify=ssl.create_default_context(cafile=settings.integrations_ca_bundle),
-                    timeout=60.0,
-                    trust_env=False,
-                )
+                _api_client(settings.integrations_ca_bundle, 60.0, headers=headers)
             )
         yield LiveFleet(
             power={"redfish": power},
@@ -123,3 +113,13 @@ def live_fleet(settings: Settings, estate: Estate, secrets: Secrets | None = Non
             http=integrations,
             wol=WakeOnLan(settings.wol_address, settings.wol_port),
         )
+
+
+def _api_client(ca_bundle: str | None, timeout: float, **options: Any) -> httpx.Client:
+    """An HTTP client for a service on the hospital's network: its certificate checked against the
+    system store (where the hospital's internal CA is installed) or ``ca_bundle``, and no proxy or
+    credentials taken from the worker's environment."""
+    import httpx
+
+    verify = ssl.create_default_context(cafile=ca_bundle)
+    return httpx.Client(verify=verify, timeout=timeout, trust_env=False, **options)

@@ -19,10 +19,7 @@ stage and what to do.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
-import hashlib
 import re
 import threading
 import time
@@ -44,6 +41,7 @@ from restore_flows.drivers.base import (
 )
 from restore_flows.drivers.commands import Dialect, command_line, render
 from restore_flows.drivers.deployment import PROGRESS, Deployment, DeploymentStatus, Phase, wait_for_phase
+from restore_flows.drivers.ssh import describe_key, parse_host_key
 from restore_flows.drivers.wol import WakeOnLan
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import RestoreMethod, Stage
@@ -272,10 +270,7 @@ class LiveFleet:
 
 def key_fingerprint(line: str) -> str:
     """'ssh-ed25519 SHA256:...' as OpenSSH prints it, for the log: a key line itself is long and opaque."""
-    parts = line.split()
     try:
-        blob = base64.b64decode(parts[1], validate=True)
-    except (IndexError, binascii.Error):
+        return describe_key(parse_host_key(line))
+    except ValueError:
         return "(unreadable key)"
-    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-    return f"{parts[0]} SHA256:{digest}"

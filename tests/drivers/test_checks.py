@@ -287,9 +287,9 @@ def test_a_posix_host_needs_its_own_scan_command() -> None:
     assert failures == ("ioc_scan: no IOC scan command for a POSIX host; set the check's command",)
     assert (findings, shell.commands) == ((), [])
 
-    custom = _host(IocScanCheck(type="ioc_scan", command="/opt/yara/scan {host}"), shell="posix")
-    failures, findings, _ = _verify(custom, on("/opt/yara/scan ws-icu-001", stdout="Cobalt_Strike /tmp/x\n"))
-    assert (failures, findings) == ((), ("ioc_scan: Cobalt_Strike /tmp/x",))
+    custom = _host(IocScanCheck(type="ioc_scan", command="yara-scan {host}"), shell="posix")
+    failures, findings, _ = _verify(custom, on("yara-scan ws-icu-001", stdout="Cobalt_Strike beacon.dll\n"))
+    assert (failures, findings) == ((), ("ioc_scan: Cobalt_Strike beacon.dll",))
 
 
 def test_findings_are_bounded_and_sanitised() -> None:

@@ -18,7 +18,7 @@ HOSTILE = [
     "`whoami`",
     'a"b',
     "x; rm -rf /",
-    "$(touch /tmp/pwned)",
+    "$(echo injected)",
     "a b\tc",
     "",
 ]
