@@ -4,9 +4,10 @@ Rules:
 
 * A host's own wave is the earliest wave that lists one of its services; a host whose services are in no
   wave (or that has none) goes to the catch-all wave.
-* A dependency must be online before its dependents start, so it is *pulled forward* into the wave of its
-  earliest dependent, transitively. The plan records which dependent pulled it (``pulled_forward_by``)
-  and the chain up to the host whose own wave set the pace.
+* A dependency must be online before the stage of its dependent that needs it (``Host.gates``: by
+  default verification for a reimaged host, the restore for a host restored from backup), so it is
+  *pulled forward* into the wave of its earliest dependent, transitively. The plan records which
+  dependent pulled it (``pulled_forward_by``) and the chain up to the host whose own wave set the pace.
 * Within a wave, hosts are in a valid start order (dependencies first); among hosts free to go, the one
   whose service comes first in the wave's list goes first, then servers before workstations, then by name.
 """
@@ -78,6 +79,10 @@ class Plan:
                     "department": hosts[name].department,
                     "services": list(hosts[name].services),
                     "depends_on": list(hosts[name].depends_on),
+                    "dependencies": [
+                        {"host": dependency, "before": hosts[name].gate_of(dependency).value}
+                        for dependency in hosts[name].depends_on
+                    ],
                     "restore_method": hosts[name].restore_method.value,
                     "forensic_hold": hosts[name].forensic_hold,
                     "pulled_forward_by": planned.pulled_forward_by,

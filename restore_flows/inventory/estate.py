@@ -50,6 +50,33 @@ class Host:
     durations: Mapping[Stage, float] = field(default_factory=dict)
     """Expected minutes per stage where the inventory says; the fleet's defaults otherwise."""
     description: str | None = None
+    gates: Mapping[str, Stage] = field(default_factory=dict)
+    """For each dependency, the stage of this host that may start only once it is online (the loader
+    fills it for every dependency; one missing here gates the default stage, see ``gate_of``)."""
+
+    def gate_of(self, dependency: str) -> Stage:
+        return self.gates.get(dependency) or default_gate(self.restore_method)
+
+
+# Where a stage sits in a host's pipeline, for gating: the rebuild is one position, by reimage or restore.
+GATE_POSITION: Mapping[Stage, int] = {
+    Stage.EVIDENCE: 0,
+    Stage.WIPE: 1,
+    Stage.REIMAGE: 2,
+    Stage.RESTORE: 2,
+    Stage.VERIFY: 3,
+    Stage.RELEASE: 4,
+}
+
+
+def default_gate(method: RestoreMethod) -> Stage:
+    """The stage dependencies gate unless the inventory says otherwise.
+
+    A reimaged host needs nothing of the estate to be wiped and to receive its image: its checks,
+    domain membership and production use need its dependencies, so they gate verification. A host
+    restored from backup needs its hypervisor and backup server for the restore itself.
+    """
+    return Stage.RESTORE if method is RestoreMethod.BACKUP else Stage.VERIFY
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,9 +27,10 @@ from pydantic import BaseModel, ValidationError
 
 from restore_flows.errors import Diagnostic, InventoryError, Severity, UsageError
 from restore_flows.inventory import graph
-from restore_flows.inventory.estate import Estate, Host
+from restore_flows.inventory.estate import GATE_POSITION, Estate, Host, default_gate
 from restore_flows.inventory.models import (
     CATCH_ALL,
+    Dependency,
     Drivers,
     Group,
     GroupDefaults,
@@ -534,15 +535,28 @@ class _Loader:
         if not ok or kind is None or site is None:
             return None
 
-        depends_on: list[str] = []
-        for pattern in pick("depends_on") or ():
+        method: RestoreMethod = pick("restore_method") or RestoreMethod.REIMAGE
+        chosen: str | None = pick("dependencies_before")
+        usual = Stage(chosen) if chosen is not None else default_gate(method)
+        gates: dict[str, Stage] = {}
+        for written in pick("depends_on") or ():
+            pattern, before = (
+                (written.host, written.before) if isinstance(written, Dependency) else (written, None)
+            )
             filled = self._fill_site(pattern, site, sources, "depends_on")
             if filled is None:
                 continue
             try:
-                depends_on.extend(expand(filled))
+                names = expand(filled)
             except RangeError as exc:
                 self.error(*where("depends_on"), f"in depends_on: {exc}")
+                continue
+            gate = Stage(before) if before is not None else usual
+            for dependency in names:
+                # Named twice: the earlier stage wins, it is the stricter promise.
+                known = gates.get(dependency)
+                if known is None or GATE_POSITION[gate] < GATE_POSITION[known]:
+                    gates[dependency] = gate
         stage_pools: dict[Stage, tuple[str, ...]] = {}
         for stage, refs in (pick("pools") or {}).items():
             names = []
@@ -565,9 +579,10 @@ class _Loader:
             role=entry.role_name or "",
             department=pick("department") or entry.role_name or "general",
             services=tuple(pick("services") or ()),
-            depends_on=tuple(dict.fromkeys(depends_on)),
+            depends_on=tuple(gates),
+            gates=gates,
             pools=stage_pools,
-            restore_method=pick("restore_method") or RestoreMethod.REIMAGE,
+            restore_method=method,
             forensic_hold=bool(pick("forensic_hold")),
             location=location,
             golden_image=pick("golden_image"),

@@ -237,6 +237,21 @@ Check = Annotated[
 
 StagePools = dict[Stage, list[PoolRef]]
 
+# The stages a dependency can gate. 'reimage' and 'restore' both name the rebuild, whichever the host
+# has; evidence is never gated (capturing it needs nothing of the estate).
+GateStage = Literal["wipe", "reimage", "restore", "verify", "release"]
+_BEFORE = (
+    "The stage of this host that may start only once the dependency is online: wipe, reimage or "
+    "restore (the rebuild, whichever the host has), verify or release."
+)
+
+
+class Dependency(_Strict):
+    """A dependency with the stage it gates: ``{host: pxe-arl-01, before: reimage}``."""
+
+    host: HostPattern
+    before: GateStage | None = Field(default=None, description=_BEFORE)
+
 
 class HostFields(_Strict):
     """Fields a host may set; a group's ``defaults`` and a role may set the same ones."""
@@ -245,8 +260,20 @@ class HostFields(_Strict):
     site: Name | None = None
     department: Name | None = Field(default=None, description="For reports: icu, lab, radiology...")
     services: list[ServiceName] | None = None
-    depends_on: list[HostPattern] | None = Field(
-        default=None, description="Hosts (or ranges) that must be online first; '{site}' allowed."
+    depends_on: list[HostPattern | Dependency] | None = Field(
+        default=None,
+        description=(
+            "Hosts (or ranges) that must be online before the stage that needs them; '{site}' allowed. "
+            "An entry may say which stage it gates: {host: NAME, before: STAGE}."
+        ),
+    )
+    dependencies_before: GateStage | None = Field(
+        default=None,
+        description=(
+            "The stage the dependencies gate unless an entry says otherwise. Default: verify for a "
+            "reimaged host (wiping and imaging need nothing of the estate), restore for a host restored "
+            "from backup (a VM needs its hypervisor and backup server). 'wipe' gates the whole pipeline."
+        ),
     )
     pools: StagePools | None = Field(default=None, description="Pools each stage consumes.")
     restore_method: RestoreMethod | None = None

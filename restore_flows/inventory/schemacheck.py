@@ -141,8 +141,11 @@ def validation_diagnostics(
 ) -> list[Diagnostic]:
     """Turn pydantic's errors into diagnostics, one per problem, with a "did you mean" for typos."""
     out: list[Diagnostic] = []
-    for error in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for error in errors:
         loc: Loc = tuple(error["loc"])
+        if _explained_by_another_member(loc, error, errors):
+            continue
         line, path = line_of(raw, loc)
         full = (*prefix, *path)
         if skip and full in skip:
@@ -173,6 +176,20 @@ def validation_diagnostics(
     return out
 
 
+def _explained_by_another_member(loc: Loc, error: Any, errors: Sequence[Any]) -> bool:
+    """A mapping written where a union allows a string or a mapping (``depends_on: [{host: ...}]``):
+    the mapping member's own errors say what is wrong; "should be a valid string" would only mislead."""
+    if error["type"] != "string_type" or not isinstance(error.get("input"), dict) or not loc:
+        return False
+    parent = loc[:-1]
+    return any(
+        tuple(other["loc"])[: len(parent)] == parent
+        and tuple(other["loc"])[len(parent) : len(loc)] != loc[-1:]
+        for other in errors
+        if other is not error
+    )
+
+
 def _fields_at(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
     """The keys allowed in the mapping at ``loc``, by walking the model's annotations."""
     current: Any = model
@@ -183,6 +200,9 @@ def _fields_at(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
             continue
         chosen: Any = None
         for candidate in candidates:
+            if step == candidate.__name__:  # pydantic names the union member it tried
+                chosen = candidate
+                break
             if step in candidate.model_fields:
                 chosen = candidate.model_fields[step].annotation
                 break

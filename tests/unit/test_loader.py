@@ -153,3 +153,39 @@ def test_load_estate_raises_with_all_diagnostics(write_inventory: WriteInventory
         load_estate(directory)
     messages = sorted(d.message for d in info.value.diagnostics if d.severity == "error")
     assert messages == ["unknown role 'nothing'", "unknown site 'nowhere'"]
+
+
+def test_each_dependency_gates_the_stage_that_needs_it(write_inventory: WriteInventory) -> None:
+    estate = load_estate(
+        write_inventory(
+            estate="""
+            waves:
+              - {name: rest, services: ["*"]}
+            sites:
+              - {name: arl, kind: hospital}
+            roles:
+              - {name: infra, kind: server}
+              - {name: vm, kind: server, restore_method: backup, depends_on: [esx-01, dc-01]}
+              - name: ws
+                kind: workstation
+                depends_on: [dc-01, {host: "pxe-{site}-01", before: reimage}]
+              - {name: legacy, kind: workstation, depends_on: [dc-01], dependencies_before: wipe}
+            hosts:
+              - {name: esx-01, role: infra, site: arl}
+              - {name: dc-01, role: infra, site: arl}
+              - {name: pxe-arl-01, role: infra, site: arl}
+              - {name: app-01, role: vm, site: arl}
+              - {name: ws-01, role: ws, site: arl}
+              - {name: ws-02, role: ws, site: arl, depends_on: [{host: dc-01, before: release}, dc-01]}
+              - {name: old-01, role: legacy, site: arl}
+            """
+        )
+    )
+    hosts = estate.hosts
+    # Defaults: a VM needs its dependencies for the restore; a reimaged host for verification.
+    assert hosts["app-01"].gates == {"esx-01": Stage.RESTORE, "dc-01": Stage.RESTORE}
+    assert hosts["ws-01"].gates == {"dc-01": Stage.VERIFY, "pxe-arl-01": Stage.REIMAGE}
+    # Named twice: the earlier stage wins, it is the stricter promise.
+    assert hosts["ws-02"].gates == {"dc-01": Stage.VERIFY}
+    assert hosts["old-01"].gates == {"dc-01": Stage.WIPE}
+    assert hosts["ws-01"].depends_on == ("dc-01", "pxe-arl-01")

@@ -196,6 +196,7 @@ def test_json_shape(write_inventory: WriteInventory) -> None:
         "department": "ws",
         "services": ["icu"],
         "depends_on": ["gw-arl"],
+        "dependencies": [{"host": "gw-arl", "before": "verify"}],
         "restore_method": "reimage",
         "forensic_hold": False,
         "pulled_forward_by": None,
