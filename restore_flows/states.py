@@ -14,9 +14,12 @@ import ast
 import functools
 import inspect
 import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
 from restore_flows.errors import LedgerError
+from restore_flows.inventory.models import Stage
 
 
 class HostState(StrEnum):
@@ -88,6 +91,8 @@ class Event(StrEnum):
 
 S = HostState
 E = Event
+# The decisions 'restore decide' offers an operator.
+_DECISIONS = frozenset({E.RETRY, E.SKIP, E.HOLD, E.RELEASE_HOLD, E.RECOMPROMISE})
 
 # (state, event) -> next state. One line per transition, with why it exists.
 TRANSITIONS: dict[tuple[HostState, Event], HostState] = {
@@ -159,24 +164,140 @@ TRANSITIONS: dict[tuple[HostState, Event], HostState] = {
 INITIAL = S.COMPROMISED
 FINAL = S.ONLINE
 
-# Stages that are running: a crash leaves a host in one of these, which resume must resolve.
-STAGE_OF_STATE: dict[HostState, str] = {
-    S.CAPTURING_EVIDENCE: "evidence",
-    S.WIPING: "wipe",
-    S.REIMAGING: "reimage",
-    S.RESTORING: "restore",
-    S.VERIFYING: "verify",
-    S.RELEASING: "release",
+
+@dataclass(frozen=True, slots=True)
+class StageRule:
+    """One stage of a host's pipeline: the events and states it is made of, and what it may change."""
+
+    stage: Stage
+    start: Event
+    done: Event
+    fail: Event
+    running: HostState
+    """The state while the stage runs; a crash leaves the host here, and resume must resolve it."""
+    failed: HostState
+    finished: HostState
+    """The state once it is done."""
+    starts_from: tuple[HostState, ...]
+    destructive: bool
+    """It changes a disk for good: it needs an approval recorded for the run."""
+
+
+# The stages in pipeline order. The pipeline, the ledger's rules and its attempt records, the docs and
+# the tests read the stages from here; TRANSITIONS above is checked against it (tests/unit/test_states).
+STAGES: tuple[StageRule, ...] = (
+    StageRule(
+        Stage.EVIDENCE,
+        E.CAPTURE_EVIDENCE,
+        E.EVIDENCE_CAPTURED,
+        E.EVIDENCE_FAILED,
+        S.CAPTURING_EVIDENCE,
+        S.EVIDENCE_FAILED,
+        S.EVIDENCE_CAPTURED,
+        (S.COMPROMISED,),
+        destructive=False,
+    ),
+    StageRule(
+        Stage.WIPE,
+        E.START_WIPE,
+        E.WIPE_DONE,
+        E.WIPE_FAILED,
+        S.WIPING,
+        S.WIPE_FAILED,
+        S.WIPED,
+        (S.COMPROMISED, S.EVIDENCE_CAPTURED),
+        destructive=True,
+    ),
+    StageRule(
+        Stage.REIMAGE,
+        E.START_REIMAGE,
+        E.REIMAGE_DONE,
+        E.REIMAGE_FAILED,
+        S.REIMAGING,
+        S.REIMAGE_FAILED,
+        S.REIMAGED,
+        (S.WIPED,),
+        destructive=True,
+    ),
+    StageRule(
+        Stage.RESTORE,
+        E.START_RESTORE,
+        E.RESTORE_DONE,
+        E.RESTORE_FAILED,
+        S.RESTORING,
+        S.RESTORE_FAILED,
+        S.REIMAGED,
+        (S.WIPED,),
+        destructive=True,
+    ),
+    StageRule(
+        Stage.VERIFY,
+        E.START_VERIFY,
+        E.VERIFY_PASSED,
+        E.VERIFY_FAILED,
+        S.VERIFYING,
+        S.VERIFY_FAILED,
+        S.VERIFIED_CLEAN,
+        (S.REIMAGED,),
+        destructive=False,
+    ),
+    StageRule(
+        Stage.RELEASE,
+        E.START_RELEASE,
+        E.RELEASE_DONE,
+        E.RELEASE_FAILED,
+        S.RELEASING,
+        S.RELEASE_FAILED,
+        S.ONLINE,
+        (S.VERIFIED_CLEAN,),
+        destructive=False,
+    ),
+)
+RULE: Mapping[Stage, StageRule] = {rule.stage: rule for rule in STAGES}
+RUNNING_STAGE: Mapping[HostState, Stage] = {rule.running: rule.stage for rule in STAGES}
+FAILED_STAGE: Mapping[HostState, Stage] = {rule.failed: rule.stage for rule in STAGES}
+START_STAGE: Mapping[Event, Stage] = {rule.start: rule.stage for rule in STAGES}
+# How an attempt of a stage ends, by the event that ends it.
+OUTCOMES: Mapping[Event, str] = {
+    **{rule.done: "succeeded" for rule in STAGES},
+    **{rule.fail: "failed" for rule in STAGES},
+    E.IOC_FOUND: "failed",
+    E.INTERRUPTED: "interrupted",
 }
-IN_PROGRESS = frozenset(STAGE_OF_STATE)
-FAILED = frozenset(s for s in HostState if s.value.endswith("_failed"))
-# Events that change a disk for good: they need an approval recorded for the run.
-DESTRUCTIVE = frozenset({E.START_WIPE, E.START_REIMAGE, E.START_RESTORE})
-# Events an operator sends, not a run: they need an actor and, for some, a reason.
-OPERATOR_EVENTS = frozenset({E.RETRY, E.SKIP, E.HOLD, E.RELEASE_HOLD, E.RECOMPROMISE})
-NEEDS_REASON = frozenset({E.RECOMPROMISE, E.HOLD, E.SKIP})
+STAGE_OF_STATE: Mapping[HostState, str] = {state: stage.value for state, stage in RUNNING_STAGE.items()}
+IN_PROGRESS = frozenset(RUNNING_STAGE)
+FAILED = frozenset(FAILED_STAGE)
+DESTRUCTIVE = frozenset(rule.start for rule in STAGES if rule.destructive)
+DESTRUCTIVE_STAGES = frozenset(rule.stage for rule in STAGES if rule.destructive)
 # States after which the host must never be wiped again without a recompromise event.
 CLEAN = frozenset({S.VERIFIED_CLEAN, S.RELEASING, S.RELEASE_FAILED, S.ONLINE})
+# States in which nothing happens to a host until an operator decides.
+STUCK = FAILED | {S.QUARANTINED, S.ON_HOLD}
+
+
+class Sender(StrEnum):
+    RUN = "run"
+    """A restore run, holding the host's lease."""
+    OPERATOR = "operator"
+    """A named person, on a host no live run holds ('restore decide')."""
+
+
+_BOTH = frozenset({Sender.RUN, Sender.OPERATOR})
+_OPERATOR = frozenset({Sender.OPERATOR})
+# Who may send each event. A run retries a failed stage on its own (within its attempts); everything
+# else an operator decides is the operator's alone. Evidence is also registered by the forensic team.
+SENDERS: Mapping[Event, frozenset[Sender]] = {
+    **{event: frozenset({Sender.RUN}) for event in Event if event is not E.ENROLL},
+    E.EVIDENCE_CAPTURED: _BOTH,
+    E.RETRY: _BOTH,
+    E.SKIP: _OPERATOR,
+    E.HOLD: _OPERATOR,
+    E.RELEASE_HOLD: _OPERATOR,
+    E.RECOMPROMISE: _OPERATOR,
+}
+OPERATOR_EVENTS = frozenset(e for e, who in SENDERS.items() if Sender.OPERATOR in who and e in _DECISIONS)
+OPERATOR_ONLY = frozenset(e for e, who in SENDERS.items() if who == _OPERATOR)
+NEEDS_REASON = frozenset({E.RECOMPROMISE, E.HOLD, E.SKIP})
 
 
 class IllegalTransition(LedgerError, ValueError):
@@ -225,6 +346,34 @@ def render_markdown() -> str:
     ]
     for (state, event), target in TRANSITIONS.items():
         lines.append(f"| `{state.value}` | `{event.value}` | `{target.value}` |")
+    lines += [
+        "",
+        "## Stages",
+        "",
+        "| stage | starts from | start | running | done | finished | fail | failed | destructive |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rule in STAGES:
+        sources = ", ".join(f"`{s.value}`" for s in rule.starts_from)
+        lines.append(
+            f"| {rule.stage.value} | {sources} | `{rule.start.value}` | `{rule.running.value}` | "
+            f"`{rule.done.value}` | `{rule.finished.value}` | `{rule.fail.value}` | `{rule.failed.value}` | "
+            f"{'yes' if rule.destructive else 'no'} |"
+        )
+    lines += [
+        "",
+        "## Who sends each event",
+        "",
+        "| event | run | operator |",
+        "| --- | --- | --- |",
+    ]
+    for event in Event:
+        if event in SENDERS:
+            who = SENDERS[event]
+            lines.append(
+                f"| `{event.value}` | {'yes' if Sender.RUN in who else ''} | "
+                f"{'yes' if Sender.OPERATOR in who else ''} |"
+            )
     lines += [
         "",
         "## Rules the ledger adds",

@@ -7,15 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from restore_flows.inventory.models import Stage
 from restore_flows.states import (
     FAILED,
     FINAL,
     INITIAL,
+    OPERATOR_EVENTS,
+    OPERATOR_ONLY,
+    SENDERS,
     STAGE_OF_STATE,
+    STAGES,
     TRANSITIONS,
     Event,
     HostState,
     IllegalTransition,
+    Sender,
     advance,
     render_markdown,
 )
@@ -83,3 +89,24 @@ def test_wiping_starts_only_from_untrusted_states() -> None:
 def test_docs_are_rendered_from_the_table() -> None:
     committed = (ROOT / "docs" / "state-machine.md").read_text()
     assert committed == render_markdown(), "run: python -m restore_flows.states > docs/state-machine.md"
+
+
+def test_the_stage_table_agrees_with_the_transitions() -> None:
+    for rule in STAGES:
+        for source in rule.starts_from:
+            assert TRANSITIONS[(source, rule.start)] is rule.running, rule.stage
+        assert TRANSITIONS[(rule.running, rule.done)] is rule.finished, rule.stage
+        assert TRANSITIONS[(rule.running, rule.fail)] is rule.failed, rule.stage
+        assert TRANSITIONS[(rule.running, Event.INTERRUPTED)] is rule.failed, rule.stage
+        # A retry goes back to where the stage can start again.
+        assert TRANSITIONS[(rule.failed, Event.RETRY)] in rule.starts_from, rule.stage
+    starts = {event for (_, event) in TRANSITIONS if event.value.startswith(("start_", "capture_"))}
+    assert starts == {rule.start for rule in STAGES}
+    assert {rule.stage for rule in STAGES if rule.destructive} == {Stage.WIPE, Stage.REIMAGE, Stage.RESTORE}
+
+
+def test_who_may_send_each_event_is_one_table() -> None:
+    assert OPERATOR_ONLY <= OPERATOR_EVENTS
+    assert Event.RETRY in OPERATOR_EVENTS - OPERATOR_ONLY  # a run retries on its own, an operator too
+    assert all(Sender.RUN not in SENDERS[e] for e in OPERATOR_ONLY)
+    assert set(SENDERS) == set(Event) - {Event.ENROLL}
