@@ -22,13 +22,14 @@ from sqlalchemy import Engine
 
 from restore_flows import render
 from restore_flows.bootstrap import Context, load_and_sync, open_ledger
-from restore_flows.dispatch import Status
 from restore_flows.errors import InventoryError, LedgerError, RestoreError, UsageError
+from restore_flows.execution.campaign import Status
+from restore_flows.execution.eta import estate_status
 from restore_flows.inventory.loader import LoadResult, load_inventory
 from restore_flows.inventory.schema import write_schema
 from restore_flows.ledger import db as ledger_db
 from restore_flows.ledger.db import SchemaError
-from restore_flows.ledger.status import estate_status, history_report
+from restore_flows.ledger.status import history_report
 from restore_flows.planning import Plan
 from restore_flows.planning import plan as make_plan
 from restore_flows.settings import Settings
@@ -327,15 +328,21 @@ def rehearse(
         float, typer.Option(help="Real seconds per simulated minute / 60: 0 is instant, 1 real time.")
     ] = 0.0,
     fail_rate: Annotated[float, typer.Option(help="Injected failure rate per stage (0 to 1).")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the injected failures.")] = 0,
-    workers: Annotated[int, typer.Option(help="Hosts worked on at once per wave.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the injected failures and noise.")] = 0,
+    duration_noise: Annotated[
+        float, typer.Option(help="Each stage takes its planned time x (1 +- this), seeded (0 to 0.9).")
+    ] = 0.0,
     keep: Annotated[
         bool, typer.Option(help="Continue the last rehearsal instead of starting afresh.")
     ] = False,
 ) -> None:
-    """A full restore rehearsal on the simulated fleet, through a local Prefect server (no UI needed)."""
+    """A full restore rehearsal on the simulated fleet, through a local Prefect server (no UI needed).
+
+    Every chosen wave (all by default) runs as one campaign, as 'restore-estate' does."""
     from restore_flows import rehearsal
 
+    if time_scale < 0 or not 0 <= fail_rate <= 1 or not 0 <= duration_noise <= 0.9:
+        raise UsageError("--time-scale must be >= 0, --fail-rate within 0..1, --duration-noise within 0..0.9")
     result = load_inventory(directory)
     render.diagnostics(_err(), result.diagnostics)
     if result.estate is None:
@@ -347,7 +354,7 @@ def rehearse(
         time_scale=time_scale,
         fail_rate=fail_rate,
         seed=seed,
-        workers=workers,
+        duration_noise=duration_noise,
         fresh=not keep,
     )
     if not ok:
@@ -376,7 +383,6 @@ def run_live(
     ] = "",
     site: Annotated[list[str] | None, typer.Option("--site", help="Only these sites (repeat).")] = None,
     host: Annotated[list[str] | None, typer.Option("--host", help="Only these hosts (repeat).")] = None,
-    workers: Annotated[int, typer.Option(help="Hosts worked on at once.")] = 16,
 ) -> None:
     """A live restore of one wave on real machines: wipe, reimage, verify and release, recorded in the ledger.
 
@@ -384,43 +390,109 @@ def run_live(
     wave's name. Settings (deployment server, management host, secrets) come from RESTORE_* variables.
     """
     from restore_flows.bootstrap import live_fleet
-    from restore_flows.pipeline import PipelineSettings
-    from restore_flows.waves import WaveRequest, approval_summary, run_wave_threads, select_hosts
+    from restore_flows.execution.campaign import (
+        CampaignSettings,
+        Named,
+        Selection,
+        approval_summary,
+        run_campaign,
+    )
+    from restore_flows.scheduling.runner import Retries
 
     _load_or_exit(directory)
     settings = Settings(inventory=directory)
     with open_ledger(settings) as context:
         estate, the_plan, _ = load_and_sync(context, directory)
-        if wave not in {w.name for w in the_plan.waves}:
-            raise UsageError(f"no wave named {wave!r} (waves: {', '.join(w.name for w in the_plan.waves)})")
-        request = WaveRequest(
-            wave, "live", tuple(site or ()), tuple(host or ()), actor=f"cli:{approver.strip()}"
-        )
-        hosts = select_hosts(the_plan, request)
-        _out().print(approval_summary(the_plan, hosts, context.ledger))
+        selection = Selection((wave,), tuple(site or ()), tuple(host or ()))
+        try:
+            hosts = selection.resolve(the_plan)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        _out().print(approval_summary(the_plan, hosts, context.ledger, wave))
         if not approver.strip() or confirm.strip() != wave:
             raise UsageError(
                 f"nothing was done: a live run needs --approver 'FULL NAME' and --confirm {wave} "
                 "(the wave's name typed again)"
             )
         with live_fleet(settings, estate) as fleet:
-            run_id, summary = run_wave_threads(
+            run_id, summary = run_campaign(
                 context.ledger,
                 the_plan,
                 fleet,
-                request,
-                workers=workers,
-                settings=PipelineSettings.from_settings(settings),
-                approver=approver.strip(),
+                selection,
+                mode="live",
+                actor=f"cli:{approver.strip()}",
+                approver=Named(approver.strip()),
+                settings=CampaignSettings(
+                    lease_seconds=settings.lease_seconds, retries=Retries(attempts=settings.stage_attempts)
+                ),
             )
     out = _out()
     out.print(f"run {run_id}: {summary.count(Status.ONLINE)} of {len(summary.hosts)} host(s) online")
     for progress in sorted(summary.hosts.values(), key=lambda p: p.host):
         if progress.status is not Status.ONLINE:
             why = progress.error or progress.reason or ""
-            out.print(f"  {progress.host}: {progress.status.value} ({progress.state.value}) {why}".rstrip())
+            out.print(
+                f"  {progress.host}: {progress.status.value} ({progress.state.value}) {why}".rstrip(),
+                markup=False,
+            )
     if not summary.ok:
         raise typer.Exit(EXIT_REFUSED)
+
+
+@app.command()
+@_handled
+def forecast(
+    directory: InventoryDir = Path("inventory"),
+    fresh: Annotated[
+        bool, typer.Option(help="As if nothing were restored yet (the plan's durations).")
+    ] = False,
+    as_json: JsonFlag = False,
+    capacity: Annotated[
+        list[str] | None, typer.Option("--capacity", help="POOL=N: what if the pool had N slots (repeat).")
+    ] = None,
+    policy: Annotated[
+        str,
+        typer.Option(help="campaign (every wave at once) or barrier (SRM-style, one wave after another)."),
+    ] = "campaign",
+    wave: Annotated[list[str] | None, typer.Option("--wave", "-w", help="Only these waves (repeat).")] = None,
+    rehearsal_ledger: Annotated[
+        bool, typer.Option("--rehearsal", help="From the rehearsal ledger instead of the live one.")
+    ] = False,
+) -> None:
+    """When each wave will be back: the scheduler run on a virtual clock from the ledger's state."""
+    from restore_flows.execution.eta import forecast_from_ledger
+    from restore_flows.planning import plan as make_plan
+    from restore_flows.scheduling.forecast import POLICIES, WhatIf
+    from restore_flows.scheduling.forecast import forecast as run_forecast
+
+    result = _load_or_exit(directory)
+    assert result.estate is not None
+    the_plan = make_plan(result.estate)
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy {policy!r}: choose {' or '.join(POLICIES)}")
+    pools: dict[str, int] = {}
+    for item in capacity or []:
+        name, _, value = item.partition("=")
+        if name not in the_plan.estate.pools or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--capacity {item!r}: expected POOL=N with a pool of the inventory and N >= 1")
+        pools[name] = int(value)
+    known = [w.name for w in the_plan.waves]
+    for name in wave or []:
+        if name not in known:
+            raise UsageError(f"no wave named {name!r} (waves: {', '.join(known)})")
+    what_if = WhatIf(policy=policy, capacity=pools, waves=tuple(wave or ()))
+    if fresh:
+        found = run_forecast(the_plan, what_if=what_if)
+    else:
+        with open_ledger(Settings(inventory=directory), rehearsal=rehearsal_ledger) as context:
+            _sync(context, directory)
+            found = forecast_from_ledger(context.ledger, the_plan, what_if)
+    if as_json:
+        json.dump(found.to_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        render.forecast(_out(), found)
 
 
 def main() -> None:

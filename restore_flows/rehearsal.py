@@ -19,17 +19,18 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
-from restore_flows.inventory.loader import load_estate
-from restore_flows.ledger.db import downgrade, make_engine, upgrade
-from restore_flows.ledger.repository import Ledger
-from restore_flows.planning import Plan, plan
-from restore_flows.prefect_server import (
+from restore_flows.errors import UsageError
+from restore_flows.flows.server import (
     PrefectServer,
     client_settings,
     drain_clients,
     is_healthy,
     start_server,
 )
+from restore_flows.inventory.loader import load_estate
+from restore_flows.ledger.db import downgrade, make_engine, upgrade
+from restore_flows.ledger.repository import Ledger
+from restore_flows.planning import Plan, plan
 from restore_flows.settings import Settings
 from restore_flows.states import FAILED, HostState
 
@@ -83,15 +84,15 @@ def rehearse(
     time_scale: float,
     fail_rate: float,
     seed: int,
-    workers: int,
     fresh: bool,
+    duration_noise: float = 0.0,
 ) -> bool:
-    """Run the estate (or some waves) through the flows; True when every host came online."""
+    """Run the estate (or some waves) as one campaign through the flows; True when all came online."""
     the_plan = plan(load_estate(settings.inventory))
     chosen = list(waves) or [w.name for w in the_plan.waves if w.hosts]
     unknown = set(chosen) - {w.name for w in the_plan.waves}
     if unknown:
-        raise ValueError(f"no such wave: {', '.join(sorted(unknown))}")
+        raise UsageError(f"no such wave: {', '.join(sorted(unknown))}")
     if fresh:
         reset_rehearsal_ledger(settings)
     os.environ["RESTORE_INVENTORY"] = str(settings.inventory)
@@ -100,42 +101,28 @@ def rehearse(
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     with prefect_api(settings, console) as api_url:
         console.print(f"Prefect UI: {api_url.removesuffix('/api')}/  (runs, artifacts and progress)")
-        from restore_flows.flows import EstateParameters, WaveParameters, restore_estate, restore_wave
+        from restore_flows.flows.restore import EstateParameters, restore_estate
 
         engine = make_engine(settings.ledger_url(rehearsal=True))
         upgrade(engine)
         ledger = Ledger(engine)
         try:
             with LedgerProgress(ledger, the_plan, chosen, console):
-                if waves:
-                    results = [
-                        restore_wave(
-                            WaveParameters(
-                                wave=name,
-                                workers=workers,
-                                time_scale=time_scale,
-                                fail_rate=fail_rate,
-                                seed=seed,
-                            ),
-                            return_state=True,
-                        )
-                        for name in chosen
-                    ]
-                else:
-                    results = [
-                        restore_estate(
-                            EstateParameters(
-                                workers=workers, time_scale=time_scale, fail_rate=fail_rate, seed=seed
-                            ),
-                            return_state=True,
-                        )
-                    ]
+                state = restore_estate(
+                    EstateParameters(
+                        waves=list(waves),
+                        time_scale=time_scale,
+                        fail_rate=fail_rate,
+                        duration_noise=duration_noise,
+                        seed=seed,
+                    ),
+                    return_state=True,
+                )
             _print_summary(console, ledger, the_plan, chosen)
         finally:
             engine.dispose()
-    for state in results:
-        console.print(f"{state.name}: {state.message}")
-    return all(state.is_completed() for state in results)
+    console.print(f"{state.name}: {state.message}")
+    return state.is_completed()
 
 
 class LedgerProgress:
@@ -188,19 +175,24 @@ class LedgerProgress:
 
 def _print_summary(console: Console, ledger: Ledger, the_plan: Plan, waves: Sequence[str]) -> None:
     states = ledger.states()
+    started, online_at = ledger.back_online()
     table = Table(title="Rehearsal summary", title_justify="left")
-    for column in ("wave", "hosts", "online", "failed", "not started"):
+    for column in ("wave", "hosts", "online", "failed", "not started", "all back after"):
         table.add_column(column, justify="left" if column == "wave" else "right")
     for wave in waves:
         members = the_plan.wave(wave).hosts
         counts = Counter(states[n] for n in members)
         failed = sum(c for s, c in counts.items() if s in FAILED or s is HostState.QUARANTINED)
+        back = ""
+        if started is not None and members and all(n in online_at for n in members):
+            back = f"{(max(online_at[n] for n in members) - started).total_seconds():.1f} s"
         table.add_row(
             wave,
             str(len(members)),
             str(counts[HostState.ONLINE]),
             str(failed),
             str(counts[HostState.COMPROMISED]),
+            back,
         )
     console.print(table)
     for name in sorted(states):
@@ -221,7 +213,7 @@ def up(settings: Settings, console: Console) -> None:
         os.environ["RESTORE_INVENTORY"] = str(settings.inventory)
         from prefect import serve
 
-        from restore_flows.serving import deployments
+        from restore_flows.flows.serving import deployments
 
         console.print(
             f"[bold]Prefect UI: {api_url.removesuffix('/api')}/[/]  deployments: restore-wave, "

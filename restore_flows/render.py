@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,10 +11,11 @@ from rich.table import Table
 from rich.text import Text
 
 from restore_flows.errors import Diagnostic, Severity
-from restore_flows.eta import format_eta
+from restore_flows.execution.eta import format_minutes
 from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.models import HostKind
 from restore_flows.planning import Plan, summarize
+from restore_flows.scheduling.forecast import Forecast
 
 
 def diagnostics(console: Console, found: Iterable[Diagnostic]) -> None:
@@ -76,7 +78,19 @@ def plan(console: Console, the_plan: Plan) -> None:
                 ", ".join(sorted(departments[site])),
             )
         services = ", ".join(f"{s} {n}" for s, n in counts["service"].items())
-        console.print(Group(table, Text(f"  by service: {services}", style="dim")))
+        gated: Counter[str] = Counter(
+            hosts[name].gate_of(dependency).value
+            for name in wave.hosts
+            for dependency in hosts[name].depends_on
+        )
+        gates = ", ".join(f"{count:,} before {stage}" for stage, count in sorted(gated.items()))
+        console.print(
+            Group(
+                table,
+                Text(f"  by service: {services}", style="dim"),
+                Text(f"  dependencies gate: {gates or 'none'}", style="dim"),
+            )
+        )
 
     moved = [p for p in the_plan.hosts.values() if p.pulled_forward_by]
     if moved:
@@ -121,10 +135,47 @@ def status(console: Console, report: dict[str, Any]) -> None:
                 name,
                 f"{group['percent']:.1f}",
                 f"{group['total']:,}",
-                *([format_eta(group.get("eta_seconds"))] if with_eta else []),
+                *([format_minutes(group.get("eta_minutes"))] if with_eta else []),
                 *(f"{group['states'].get(s, 0):,}" if group["states"].get(s) else "" for s in states),
             )
         console.print(table)
+
+
+def forecast(console: Console, found: Forecast) -> None:
+    bound = found.bound.minutes
+    ratio = f", {found.makespan_minutes / bound:.2f}x" if found.makespan_minutes is not None and bound else ""
+    console.print(
+        f"[bold]Forecast ({found.policy})[/]: every chosen host back in "
+        f"{format_minutes(found.makespan_minutes)} (lower bound {format_minutes(bound)}: "
+        f"{found.bound.because}{ratio})"
+    )
+    table = Table(title="By wave", title_justify="left")
+    for column in ("wave", "hosts", "online now", "back in", "lower bound", "x bound"):
+        table.add_column(column, justify="left" if column == "wave" else "right")
+    for name, wave in found.waves.items():
+        factor = (
+            f"{wave.finish_minutes / wave.bound.minutes:.2f}"
+            if wave.finish_minutes is not None and wave.bound.minutes
+            else ""
+        )
+        table.add_row(
+            name,
+            f"{wave.hosts:,}",
+            f"{wave.online:,}",
+            format_minutes(wave.finish_minutes),
+            format_minutes(wave.bound.minutes),
+            factor,
+        )
+    console.print(table)
+    if found.unfinished:
+        first, why = next(iter(sorted(found.unfinished.items())))
+        console.print(
+            Text(
+                f"{len(found.unfinished):,} host(s) will not come online without an operator "
+                f"(first: {first}: {why})",
+                style="yellow",
+            )
+        )
 
 
 def history(console: Console, report: dict[str, Any]) -> None:

@@ -1,16 +1,26 @@
-"""Shared fixtures. Unit tests must not touch the network: an accidental connection fails loudly."""
+"""Shared fixtures. Unit tests must not touch the network: an accidental connection fails loudly.
+
+PostgreSQL is at postgresql://postgres@127.0.0.1:5432/test (override with RESTORE_TEST_POSTGRES_URL).
+Each test that asks gets a database of its own, created from that server and dropped afterwards.
+Without a server those tests skip with the reason shown, except where RESTORE_TEST_POSTGRES_REQUIRED
+is set (CI): there a missing server fails the run.
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
 
-from restore_flows.prefect_server import PrefectServer, drain_clients, running_server
+from restore_flows.flows.server import PrefectServer, drain_clients, running_server
 
 WriteInventory = Callable[..., Path]
 
@@ -47,8 +57,8 @@ def write_inventory(tmp_path: Path) -> WriteInventory:
     def write(**files: str) -> Path:
         directory = tmp_path / "inventory"
         directory.mkdir(exist_ok=True)
-        for name, text in files.items():
-            (directory / f"{name}.yaml").write_text(textwrap.dedent(text).lstrip("\n"))
+        for name, body in files.items():
+            (directory / f"{name}.yaml").write_text(textwrap.dedent(body).lstrip("\n"))
         return directory
 
     return write
@@ -63,3 +73,36 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectSer
         port = int(probe.getsockname()[1])
     with running_server(home, port=port) as server:
         yield server
+
+
+POSTGRES_URL = os.environ.get(
+    "RESTORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _postgres_admin() -> Engine:
+    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        engine.dispose()
+        if os.environ.get("RESTORE_TEST_POSTGRES_REQUIRED"):
+            pytest.fail(f"PostgreSQL is required here and unreachable at {POSTGRES_URL}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc.__class__.__name__}")
+    return engine
+
+
+@pytest.fixture
+def ledger_url_postgresql() -> Iterator[str]:
+    """The URL of an empty PostgreSQL database of this test's own."""
+    admin = _postgres_admin()
+    name = f"restore_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

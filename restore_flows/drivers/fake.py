@@ -1,17 +1,17 @@
 """The fakes: the simulated fleet (the rehearsal stand-in for every driver, with realistic durations),
 and one fake per capability driver for unit tests.
 
-Durations are the planned minutes per stage (:mod:`restore_flows.eta`: the inventory's ``durations``
-or the documented defaults), scaled by ``time_scale`` (0 = instant; 1/60 makes a minute last a
-second). Failures are injected per stage at the given rates, drawn from a generator seeded by
-(seed, host, stage, attempt), so a rehearsal fails the same hosts whatever the thread timing.
+Durations are the planned minutes per stage (:mod:`restore_flows.scheduling.durations`: the
+inventory's ``durations`` or the documented defaults), scaled by ``time_scale`` (0 = instant; 1/60
+makes a minute last a second) and, with ``noise``, by a factor drawn in [1 - noise, 1 + noise].
+Failures are injected per stage at the given rates. Every draw comes from a generator seeded by
+(seed, host, stage, attempt), so a rehearsal fails and drifts the same hosts whatever the timing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,9 +26,9 @@ from restore_flows.drivers.base import (
     Verification,
 )
 from restore_flows.drivers.deployment import DeploymentStatus, Phase
-from restore_flows.eta import stage_minutes
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
+from restore_flows.scheduling.durations import draw, planned_minutes
 
 
 @dataclass
@@ -41,6 +41,8 @@ class SimulatedFleet:
     """Share of verifications that find an indicator of compromise (the host goes to quarantine)."""
     broken: Mapping[str, Stage] = field(default_factory=dict)
     """Hosts whose given stage fails on every attempt (for drills and tests)."""
+    noise: float = 0.0
+    """Each stage takes its planned time times a factor drawn in [1 - noise, 1 + noise]."""
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     _attempts: dict[tuple[str, Stage], int] = field(default_factory=dict, init=False)
@@ -70,17 +72,20 @@ class SimulatedFleet:
         self._work(host, Stage.RELEASE)
 
     def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
-        needed = dt.timedelta(seconds=stage_minutes(host, stage) * 60 * self.time_scale)
+        needed = dt.timedelta(seconds=planned_minutes(host, stage) * 60 * self.time_scale * (1 + self.noise))
         return self.clock() - started_at >= needed
 
-    def seconds(self, host: Host, stage: Stage) -> float:
-        return stage_minutes(host, stage) * 60 * self.time_scale
+    def seconds(self, host: Host, stage: Stage, attempt: int = 1) -> float:
+        factor = 1.0
+        if self.noise:
+            factor += self.noise * (2.0 * self._draw(host, stage, attempt, "noise") - 1.0)
+        return planned_minutes(host, stage) * 60 * self.time_scale * factor
 
     def _work(self, host: Host, stage: Stage) -> int:
         with self._lock:
             attempt = self._attempts.get((host.name, stage), 0) + 1
             self._attempts[(host.name, stage)] = attempt
-        seconds = self.seconds(host, stage)
+        seconds = self.seconds(host, stage, attempt)
         if seconds > 0:
             self.sleep(seconds)
         if self.broken.get(host.name) is stage:
@@ -91,7 +96,7 @@ class SimulatedFleet:
         return attempt
 
     def _draw(self, host: Host, stage: Stage, attempt: int, purpose: str) -> float:
-        return random.Random(f"{self.seed}:{host.name}:{stage.value}:{attempt}:{purpose}").random()
+        return draw(self.seed, host.name, stage.value, attempt, purpose)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, cast
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
-from restore_flows.flows import restore_estate, restore_status, restore_wave
+from restore_flows.flows.restore import restore_estate, restore_status, restore_wave
 from restore_flows.inventory.loader import load_estate
 from restore_flows.planning import plan
 from restore_flows.settings import Settings
@@ -41,10 +41,17 @@ def deployments(settings: Settings) -> list[RunnerDeployment]:
         RunnerDeployment,
         restore_estate.to_deployment(
             name="restore-estate",
-            description="Every wave in restore order, each with its own approval gate.",
+            description=(
+                "The campaign: every wave scheduled at once, intensive care first, each wave with its "
+                "own approval; progress and forecast as artifacts."
+            ),
             tags=["restore"],
         ),
     )
+    schema = estate._parameter_openapi_schema
+    model = (schema.definitions or {}).get("EstateParameters", {})
+    if "waves" in model.get("properties", {}):
+        model["properties"]["waves"]["items"] = {"type": "string", "enum": waves}
     status = cast(
         RunnerDeployment,
         restore_status.to_deployment(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -73,7 +73,10 @@ from restore_flows.states import (
     DESTRUCTIVE,
     INITIAL,
     NEEDS_REASON,
+    OPERATOR_ONLY,
+    OUTCOMES,
     STAGE_OF_STATE,
+    START_STAGE,
     Event,
     HostState,
     advance,
@@ -89,34 +92,6 @@ ATTEMPTS = cast(Table, AttemptRow.__table__)
 EVIDENCE = cast(Table, EvidenceRow.__table__)
 APPROVALS = cast(Table, ApprovalRow.__table__)
 APPROVED = cast(Table, ApprovedHostRow.__table__)
-
-# Events that open an attempt of a stage; the stage's end events close it with an outcome.
-STARTS: dict[Event, str] = {
-    Event.CAPTURE_EVIDENCE: "evidence",
-    Event.START_WIPE: "wipe",
-    Event.START_REIMAGE: "reimage",
-    Event.START_RESTORE: "restore",
-    Event.START_VERIFY: "verify",
-    Event.START_RELEASE: "release",
-}
-OUTCOMES: dict[Event, str] = {
-    Event.EVIDENCE_CAPTURED: "succeeded",
-    Event.WIPE_DONE: "succeeded",
-    Event.REIMAGE_DONE: "succeeded",
-    Event.RESTORE_DONE: "succeeded",
-    Event.VERIFY_PASSED: "succeeded",
-    Event.RELEASE_DONE: "succeeded",
-    Event.EVIDENCE_FAILED: "failed",
-    Event.WIPE_FAILED: "failed",
-    Event.REIMAGE_FAILED: "failed",
-    Event.RESTORE_FAILED: "failed",
-    Event.VERIFY_FAILED: "failed",
-    Event.RELEASE_FAILED: "failed",
-    Event.IOC_FOUND: "failed",
-    Event.INTERRUPTED: "interrupted",
-}
-# Decisions only an operator takes, never a run on its own.
-OPERATOR_ONLY = frozenset({Event.RECOMPROMISE, Event.RELEASE_HOLD})
 
 
 def utcnow() -> dt.datetime:
@@ -271,10 +246,31 @@ class Ledger:
             return {r.host for r in db.execute(select(APPROVED.c.host).where(APPROVED.c.run_id == run_id))}
 
     def finish_run(self, run_id: str, outcome: str) -> None:
+        """The run is over: its outcome recorded, its leases and pool claims given back."""
+        now = self._clock()
         with self._engine.begin() as db:
+            db.execute(update(RUNS).where(RUNS.c.id == run_id).values(ended_at=now, outcome=outcome))
             db.execute(
-                update(RUNS).where(RUNS.c.id == run_id).values(ended_at=self._clock(), outcome=outcome)
+                update(HOSTS)
+                .where(HOSTS.c.lease_run == run_id)
+                .values(lease_run=None, lease_token=None, lease_expires=None)
             )
+        self.slots.release_run(run_id)
+        for key in [k for k in self._held if k[1] == run_id]:
+            self._held.pop(key, None)
+
+    def heartbeat(self, run_id: str, seconds: float) -> None:
+        """The run is alive: renew its heartbeat, every lease it holds and every pool claim it filed."""
+        now = self._clock()
+        expires = now + dt.timedelta(seconds=seconds)
+        with self._engine.begin() as db:
+            db.execute(update(RUNS).where(RUNS.c.id == run_id).values(heartbeat_at=now))
+            db.execute(
+                update(HOSTS)
+                .where(HOSTS.c.lease_run == run_id, HOSTS.c.lease_expires > now)
+                .values(lease_expires=expires)
+            )
+        self.slots.renew(run_id, seconds)
 
     def record_approval(
         self,
@@ -430,8 +426,12 @@ class Ledger:
         actor: str,
         detail: str | None = None,
         error: str | None = None,
+        release: Sequence[int] = (),
     ) -> HostState:
-        """A run's event on a host it holds. Returns the new state."""
+        """A run's event on a host it holds. Returns the new state.
+
+        ``release``: pool claims the stage held, given back in the same transaction as the event that
+        ends it (the slot is free exactly when the ledger says the stage is over)."""
         if event in OPERATOR_ONLY:
             raise SafetyViolation(f"'{event.value}' is an operator's decision, not a run's")
         now = self._clock()
@@ -452,6 +452,7 @@ class Ledger:
                 }
                 if db.execute(_fast_update(event, target), params).rowcount == 1:
                     self._log(db, lease.host, known, event, target, lease.run_id, actor, detail, error, now)
+                    self.slots.release_in(db, release, now)
                     self._held[key] = target
                     return target
             # The slow path: the first change in this process under this lease, or one the guarded
@@ -478,6 +479,7 @@ class Ledger:
                 guard=_holds(lease, now),
                 host_row=row,
             )
+            self.slots.release_in(db, release, now)
         self._held[key] = change.to_state
         return change.to_state
 
@@ -569,9 +571,10 @@ class Ledger:
                 "detail": detail if error is None else f"{detail + ': ' if detail else ''}{error}",
             },
         )
-        if event in STARTS:
+        if event in START_STAGE:
             db.execute(
-                _OPEN_ATTEMPT, {"b_host": host, "b_stage": STARTS[event], "b_run_id": run_id, "b_now": now}
+                _OPEN_ATTEMPT,
+                {"b_host": host, "b_stage": START_STAGE[event].value, "b_run_id": run_id, "b_now": now},
             )
         elif event in OUTCOMES and state in STAGE_OF_STATE:
             db.execute(
@@ -698,6 +701,45 @@ class Ledger:
                 )
             ).all()
         return [(r.host, r.stage, (r.ended_at - r.started_at).total_seconds()) for r in rows]
+
+    def back_online(self) -> tuple[dt.datetime | None, dict[str, dt.datetime]]:
+        """When the first stage of the ledger started, and when each host last came online."""
+        with self._reader.connect() as db:
+            first = db.execute(select(func.min(ATTEMPTS.c.started_at))).scalar_one()
+            rows = db.execute(
+                select(TRANSITIONS.c.host, func.max(TRANSITIONS.c.at))
+                .where(TRANSITIONS.c.event == Event.RELEASE_DONE.value)
+                .group_by(TRANSITIONS.c.host)
+            ).all()
+        started = first.replace(tzinfo=dt.UTC) if first is not None and first.tzinfo is None else first
+        return started, {
+            str(r[0]): (r[1].replace(tzinfo=dt.UTC) if r[1].tzinfo is None else r[1]) for r in rows
+        }
+
+    def with_evidence(self) -> set[str]:
+        """Hosts that have at least one evidence record."""
+        with self._reader.connect() as db:
+            return {str(r[0]) for r in db.execute(select(EVIDENCE.c.host).distinct())}
+
+    def running_stages(self) -> dict[str, tuple[str, str | None, dt.datetime]]:
+        """Hosts with a stage running (no end recorded): host -> (stage, run, started at)."""
+        with self._reader.connect() as db:
+            rows = db.execute(
+                select(ATTEMPTS.c.host, ATTEMPTS.c.stage, ATTEMPTS.c.run_id, ATTEMPTS.c.started_at).where(
+                    ATTEMPTS.c.ended_at.is_(None)
+                )
+            ).all()
+        return {str(r.host): (str(r.stage), r.run_id, r.started_at) for r in rows}
+
+    def leases(self) -> dict[str, tuple[str, dt.datetime]]:
+        """Hosts leased by a run: host -> (run, lease expiry)."""
+        with self._reader.connect() as db:
+            rows = db.execute(
+                select(HOSTS.c.name, HOSTS.c.lease_run, HOSTS.c.lease_expires).where(
+                    HOSTS.c.lease_run.is_not(None)
+                )
+            ).all()
+        return {str(r.name): (str(r.lease_run), r.lease_expires) for r in rows}
 
     def has_evidence(self, host: str) -> bool:
         with self._reader.connect() as db:

@@ -7,10 +7,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from restore_flows.eta import observed_pace, wave_etas
 from restore_flows.ledger.records import History, HostRecord
-from restore_flows.ledger.repository import Ledger
-from restore_flows.planning import Plan
 from restore_flows.states import FAILED, FINAL, HostState
 
 DIMENSIONS = ("wave", "site", "department", "kind")
@@ -51,13 +48,14 @@ def status_report(
 ) -> dict[str, Any]:
     """``restore status --json``: every host's state, and counts per wave, site, department, kind.
 
-    ``etas``: seconds to finish each wave at the pace observed so far (see :mod:`restore_flows.eta`).
+    ``etas``: minutes until each wave is back, from the forecast (:mod:`restore_flows.execution.eta`);
+    None for a wave that will not finish without an operator.
     """
     total = len(hosts)
     online = sum(1 for h in hosts if h.state is FINAL)
     waves = _group(hosts, "wave", wave_order)
     for name, group in waves.items():
-        group["eta_seconds"] = None if etas is None else etas.get(name)
+        group["eta_minutes"] = None if etas is None else etas.get(name)
     return {
         "estate": {
             "total": total,
@@ -147,16 +145,3 @@ def history_report(history: History) -> dict[str, Any]:
             for a in history.approvals
         ],
     }
-
-
-def estate_status(ledger: Ledger, the_plan: Plan, workers: int = 16) -> dict[str, Any]:
-    """The status report with each wave's ETA at the pace observed in the ledger's finished stages."""
-    records = ledger.hosts()
-    estate = the_plan.estate
-    remaining: dict[str, list[str]] = {w.name: [] for w in the_plan.waves}
-    for record in records:
-        if record.state is not FINAL and record.name in estate.hosts:
-            remaining.setdefault(record.wave, []).append(record.name)
-    pace = observed_pace(estate.hosts, ledger.finished_attempts())
-    etas = wave_etas(estate.hosts, estate.pools, remaining, pace, workers)
-    return status_report(records, [w.name for w in the_plan.waves], etas)

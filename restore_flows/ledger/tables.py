@@ -96,6 +96,8 @@ class RunRow(Base):
     ended_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    """Renewed while the run's process lives: a run whose heartbeat is stale is dead."""
 
 
 class TransitionRow(Base):
@@ -203,4 +205,7 @@ class PoolClaimRow(Base):
     released_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     """Kept after release (or expiry) so that who got a slot when, and who was waiting, can be audited."""
 
-    __table_args__ = (Index(None, "pool", "released_at", "granted_at"),)
+    __table_args__ = (
+        Index(None, "pool", "released_at", "granted_at"),
+        Index(None, "run_id", "released_at"),
+    )

@@ -1,18 +1,31 @@
-"""Fixtures for the restore pipeline and dispatcher: a migrated SQLite ledger with an estate enrolled."""
+"""Fixtures for the campaign runner: a migrated SQLite ledger with a small estate enrolled, and a run
+on threads."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
+from restore_flows.drivers.base import Fleet
+from restore_flows.execution.campaign import (
+    Approver,
+    Automatic,
+    CampaignSettings,
+    HostProgress,
+    Named,
+    RunSummary,
+    Selection,
+    run_campaign,
+)
 from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import Plan, plan
+from restore_flows.scheduling.runner import Retries
 from tests.conftest import WriteInventory
 
 SMALL = """
@@ -82,3 +95,35 @@ def ledger(engine: Engine, small_plan: Plan, clock: Clock) -> Ledger:
     ledger = Ledger(engine, clock=clock)
     ledger.sync_inventory(small_plan.estate, small_plan)
     return ledger
+
+
+FAST = CampaignSettings(retries=Retries(backoff_minutes=(0.0,)), poll_seconds=0.02)
+
+
+def run_threads(
+    ledger: Ledger,
+    the_plan: Plan,
+    fleet: Fleet,
+    *waves: str,
+    hosts: tuple[str, ...] = (),
+    sites: tuple[str, ...] = (),
+    mode: str = "rehearsal",
+    approver: Approver | str | None = None,
+    settings: CampaignSettings = FAST,
+    on_change: Callable[[HostProgress], None] = lambda progress: None,
+) -> tuple[str, RunSummary]:
+    """A campaign over ``waves`` (default: all) on threads, approved automatically unless told."""
+    chosen: Approver = (
+        Automatic() if approver is None else Named(approver) if isinstance(approver, str) else approver
+    )
+    return run_campaign(
+        ledger,
+        the_plan,
+        fleet,
+        Selection(tuple(waves), sites, hosts),
+        mode=mode,
+        actor="test",
+        approver=chosen,
+        settings=settings,
+        on_change=on_change,
+    )

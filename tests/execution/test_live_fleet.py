@@ -18,11 +18,10 @@ from restore_flows.inventory.loader import load_estate
 from restore_flows.inventory.models import Stage
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
-from restore_flows.pipeline import PipelineSettings
 from restore_flows.planning import Plan, plan
 from restore_flows.states import HostState
-from restore_flows.waves import WaveRequest, run_wave_threads
 from tests.conftest import WriteInventory
+from tests.execution.conftest import run_threads
 from tests.peers.sushy import loopback_http
 
 ESTATE = """
@@ -50,7 +49,6 @@ groups:
       - {name: gw-05}
       - {name: gw-06, forensic_hold: true, bmc: {address: "https://127.0.0.1:8443"}}
 """
-FAST = PipelineSettings(backoff_seconds=(0.0,), slot_poll_seconds=0.01)
 RELEASE = "move-to-production --host {host}"
 BACKUP = "restore-vm --name {host}"
 
@@ -108,13 +106,12 @@ def test_a_live_wave_wipes_by_network_boot_pins_the_reported_key_and_releases(
     deployment = FakeDeployment(new_host_key=lambda host: f"ssh-ed25519 NEW-{host}")
     shell = FakeShell(responders=[_released])
     fleet, power = _fleet(the_plan, deployment, shell)
-    _, summary = run_wave_threads(
+    _, summary = run_threads(
         ledger,
         the_plan,
         fleet,
-        WaveRequest("icu", mode="live"),
-        workers=3,
-        settings=FAST,
+        "icu",
+        mode="live",
         approver="Dr. Osei",
     )
     states = ledger.states()
@@ -148,13 +145,13 @@ def test_an_install_of_the_wrong_image_is_refused_and_its_key_never_pinned(
     )
     shell = FakeShell(responders=[_released])
     fleet, _ = _fleet(the_plan, deployment, shell)
-    run_wave_threads(
+    run_threads(
         ledger,
         the_plan,
         fleet,
-        WaveRequest("icu", mode="live", hosts=("gw-01", "gw-02")),
-        workers=2,
-        settings=FAST,
+        "icu",
+        hosts=("gw-01", "gw-02"),
+        mode="live",
         approver="Dr. Osei",
     )
     assert ledger.host("gw-01").state is HostState.ONLINE
@@ -167,12 +164,13 @@ def test_an_install_of_the_wrong_image_is_refused_and_its_key_never_pinned(
 def test_a_failed_deployment_job_fails_the_wipe(ledger: Ledger, the_plan: Plan) -> None:
     deployment = FakeDeployment(fail={"gw-03"})
     fleet, _ = _fleet(the_plan, deployment, FakeShell(responders=[_released]))
-    run_wave_threads(
+    run_threads(
         ledger,
         the_plan,
         fleet,
-        WaveRequest("icu", mode="live", hosts=("gw-03",)),
-        settings=FAST,
+        "icu",
+        hosts=("gw-03",),
+        mode="live",
         approver="Dr. Osei",
     )
     assert ledger.host("gw-03").state is HostState.WIPE_FAILED
@@ -204,12 +202,13 @@ def test_a_vm_server_is_rebuilt_from_backup_by_the_management_host(ledger: Ledge
     shell = FakeShell(responders=[_released])
     fleet, power = _fleet(the_plan, deployment, shell)
     name = "emr-db-01"
-    run_wave_threads(
+    run_threads(
         ledger,
         the_plan,
         fleet,
-        WaveRequest("rest", mode="live", hosts=(name,)),
-        settings=FAST,
+        "rest",
+        hosts=(name,),
+        mode="live",
         approver="Dr. O",
     )
     assert ledger.host(name).state is HostState.ONLINE
@@ -235,12 +234,13 @@ def test_backup_restore_and_release_by_http_calls(ledger: Ledger, the_plan: Plan
             backup_url=service.url + "/vms/{host}/restore?ip={address}",
             release_url=service.url + "/ports/{host}/production",
         )
-        run_wave_threads(
+        run_threads(
             ledger,
             the_plan,
             fleet,
-            WaveRequest("rest", mode="live", hosts=("lis-db-01",)),
-            settings=FAST,
+            "rest",
+            hosts=("lis-db-01",),
+            mode="live",
             approver="Dr. O",
         )
         assert ledger.host("lis-db-01").state is HostState.ONLINE

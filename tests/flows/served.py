@@ -18,9 +18,9 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 from prefect.client.schemas.objects import FlowRun, State
 
+from restore_flows.flows.server import PrefectServer, stop_process_group
 from restore_flows.ledger.db import make_engine
 from restore_flows.ledger.repository import Ledger
-from restore_flows.prefect_server import PrefectServer, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ class Served:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "restore_flows.serving", "10"],
+                [sys.executable, "-m", "restore_flows.flows.serving", "10"],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,

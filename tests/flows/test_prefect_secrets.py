@@ -13,7 +13,7 @@ from restore_flows.drivers.secrets import (
     secrets_from,
     split_credentials,
 )
-from restore_flows.prefect_server import PrefectServer
+from restore_flows.flows.server import PrefectServer
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from prefect.client.schemas.filters import (
 from prefect.states import Scheduled
 from sqlalchemy import select
 
+from restore_flows.flows.server import PrefectServer
 from restore_flows.ledger.db import make_engine
 from restore_flows.ledger.tables import PoolClaimRow
-from restore_flows.prefect_server import PrefectServer
 from restore_flows.states import HostState
 from tests.flows.served import Served, api_client, eventually, final_state, latest_artifact, start_run
 
@@ -98,10 +98,10 @@ def test_clean_waves_with_artifacts(served: Served) -> None:
     assert all(states[n] is HostState.ONLINE for n in states if n.startswith(("gw", "ws-icu", "dc")))
     assert latest_artifact(served, "wave-icu-progress") == 100.0
     assert float(latest_artifact(served, "estate-progress")) == pytest.approx(100 * 10 / 16, abs=0.1)
-    assert "all online" in latest_artifact(served, "wave-icu-summary")
-    assert "ws-icu" not in latest_artifact(served, "wave-icu-summary")  # no failures listed
-    assert '"site": "arl"' in latest_artifact(served, "wave-icu-sites")
-    assert "# Wave icu: estimated time to finish: 0 s" in latest_artifact(served, "wave-icu-eta")
+    assert "all online" in latest_artifact(served, "run-summary")
+    assert "ws-icu" not in latest_artifact(served, "run-summary")  # no failures listed
+    assert '"site": "arl"' in latest_artifact(served, "run-sites")
+    assert "| icu | 100.0 % | 0 s |" in latest_artifact(served, "run-eta")
     status = final_state(served, start_run(served, "restore-status/restore-status", mode="rehearsal"))
     assert status.message == f"{round(100 * 10 / 16, 1)}% of the estate online"
     rows = json.loads(latest_artifact(served, "estate-status"))
@@ -111,7 +111,7 @@ def test_clean_waves_with_artifacts(served: Served) -> None:
         ("lab", 0, 6),
     ]
     assert rows[1]["ETA"] == "0 s"
-    assert rows[2]["ETA"].endswith(("s", "min", "h"))  # learnt from the finished stages
+    assert rows[2]["ETA"].endswith(("s", "min", "h"))  # the forecast, at the pace seen so far
     history = ledger.history("dc-01")
     assert history.approvals[0].automatic
     assert [e.run_id for e in history.evidence] == [history.transitions[1].run_id]
@@ -126,15 +126,15 @@ def test_injected_failure_blocks_dependents_and_fails_the_run(served: Served) ->
         # Engineers see in the run's logs why a host did not move.
         def logged() -> bool:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-            return any(log.message.startswith("ws-icu-07: blocked: gw-02 (wave icu) failed") for log in logs)
+            return any(log.message.startswith("ws-icu-07: blocked: gw-02") for log in logs)
 
         assert eventually(logged, timeout=30)
     assert state.message == "wave icu: 1 failed, 1 blocked, 7 online"
-    summary = latest_artifact(served, "wave-icu-summary")
+    summary = latest_artifact(served, "run-summary")
     assert "| gw-02 | wipe_failed | gw-02: wipe: simulated permanent failure |" in summary
-    assert "| ws-icu-07 | blocked: gw-02 (wave icu) failed" in summary
+    assert "| ws-icu-07 | blocked: gw-02 gw-02: wipe: simulated permanent failure" in summary
     ledger = served.ledger()
-    assert ledger.host("ws-icu-07").state is HostState.COMPROMISED
+    assert ledger.host("ws-icu-07").state is HostState.REIMAGED  # as far as it goes without gw-02
     assert ledger.host("ws-icu-01").state is HostState.ONLINE
 
 
@@ -183,8 +183,8 @@ def test_approval_timeout_wipes_nothing(served: Served) -> None:
 def test_overlapping_runs_share_the_pool_icu_first(served: Served) -> None:
     assert final_state(served, start_run(served, "restore-wave/restore-wave", wave="core")).is_completed()
     # Both waves reimage through one imaging slot; each reimage takes a moment of real time.
-    lab = start_run(served, "restore-wave/restore-wave", wave="lab", time_scale=0.002, workers=8)
-    icu = start_run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002, workers=8)
+    lab = start_run(served, "restore-wave/restore-wave", wave="lab", time_scale=0.002)
+    icu = start_run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002)
     assert final_state(served, icu).is_completed()
     assert final_state(served, lab).is_completed()
     ledger = served.ledger()
@@ -212,7 +212,7 @@ def test_overlapping_runs_share_the_pool_icu_first(served: Served) -> None:
 
 def test_killed_serve_process_resumes_without_repeating_a_wipe(served: Served) -> None:
     assert final_state(served, start_run(served, "restore-wave/restore-wave", wave="core")).is_completed()
-    run_id = start_run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.002, workers=2)
+    run_id = start_run(served, "restore-wave/restore-wave", wave="icu", time_scale=0.005)
     ledger = served.ledger()
 
     def midway() -> bool:
@@ -237,3 +237,39 @@ def test_killed_serve_process_resumes_without_repeating_a_wipe(served: Served) -
         assert events.count("start_wipe") == 1, (name, events)
         runs |= {t.run_id for t in history.transitions if t.run_id}
     assert len(runs) == 1  # the re-run continued the same ledger run, with its approval and leases
+
+
+def test_a_campaign_runs_the_approved_waves_while_the_others_wait(served: Served) -> None:
+    run_id = start_run(served, "restore-estate/restore-estate", ask_approval=True)
+    ledger = served.ledger()
+    with api_client(served.server) as client:
+        paused = eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 120)
+        assert paused
+        answer = client.resume_flow_run(
+            run_id,
+            run_input={"approver": "Dr. Ada Osei", "waves": ["core", "icu"], "confirm_waves": "icu, core"},
+        )
+        assert answer.status.value == "ACCEPT"
+
+        def icu_back() -> bool:
+            states = ledger.states()
+            return all(states[n] is HostState.ONLINE for n in states if n.startswith(("gw", "ws-icu", "dc")))
+
+        eventually(icu_back, timeout=120)
+        # The lab wave was not approved: none of its hosts was touched, and the run asks again.
+        assert all(
+            [t.event for t in ledger.history(f"ws-lab-0{n}").transitions] == ["enroll"] for n in range(1, 7)
+        )
+        again = eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 60)
+        assert again
+        answer = client.resume_flow_run(
+            run_id, run_input={"approver": "Dr. B. Mensah", "waves": ["lab"], "confirm_waves": "lab"}
+        )
+        assert answer.status.value == "ACCEPT"
+    state = final_state(served, run_id)
+    assert state.is_completed(), state.message
+    assert set(ledger.states().values()) == {HostState.ONLINE}
+    assert [(a.scope, a.approver) for a in ledger.history("ws-icu-01").approvals] == [("icu", "Dr. Ada Osei")]
+    assert [(a.scope, a.approver) for a in ledger.history("ws-lab-01").approvals] == [
+        ("lab", "Dr. B. Mensah")
+    ]

@@ -48,8 +48,16 @@ def test_status_history_evidence_decide(restore: CliRunner) -> None:
     assert list(status["waves"])[:4] == ["core", "icu", "lab", "radiology"]
     assert status["waves"]["icu"]["total"] == sum(1 for h in status["hosts"].values() if h["wave"] == "icu")
     assert status["waves"]["icu"]["percent"] == 0.0
-    assert status["waves"]["icu"]["eta_seconds"] is None  # nothing finished yet to learn the pace
+    # Nothing observed yet: the forecast runs on the plan's own durations, as 'forecast --fresh' does.
+    fresh = json.loads(_run(restore, "forecast", "--fresh", "--json").stdout)
+    assert status["waves"]["icu"]["eta_minutes"] == fresh["waves"]["icu"]["finish_minutes"]
+    assert status["estate"]["eta_minutes"] == fresh["makespan_minutes"]
     assert "enrolled 1700 new host(s)" in result.stderr
+
+    result = _run(restore, "forecast")
+    assert result.exit_code == 0, result.output
+    assert "Forecast (campaign): every chosen host back in" in result.stdout
+    assert "icu" in result.stdout
 
     result = _run(restore, "status")
     assert result.exit_code == 0
@@ -76,6 +84,12 @@ def test_status_history_evidence_decide(restore: CliRunner) -> None:
 
     result = _run(restore, "decide", "hold", "dc-arl-01", "--actor", "ops", "--reason", "police")
     assert result.exit_code == 0, result.output
+
+    # A host on hold will not come back without an operator: the forecast says so, and what it blocks.
+    held = json.loads(_run(restore, "forecast", "--json").stdout)
+    assert held["makespan_minutes"] is None
+    assert held["waves"]["core"]["finish_minutes"] is None
+    assert held["waves"]["core"]["will_not_finish"]["dc-arl-01"] == "is on_hold"
 
     result = _run(restore, "decide", "start_wipe", "dc-arl-01", "--actor", "ops")
     assert result.exit_code == 2
@@ -120,3 +134,27 @@ def test_a_live_run_shows_what_it_would_wipe_and_needs_a_named_approver(restore:
     assert "no wave named 'nowhere'" in result.stderr
     result = _run(restore, "history", "dc-arl-01", "--json")
     assert [t["event"] for t in json.loads(result.stdout)["transitions"]] == ["enroll"]
+
+
+def test_forecast_what_ifs_and_their_mistakes(restore: CliRunner) -> None:
+    fresh = json.loads(_run(restore, "forecast", "--fresh", "--json").stdout)
+    assert fresh["policy"] == "campaign"
+    assert fresh["makespan_minutes"] >= fresh["bound_minutes"] > 0
+    assert all(w["finish_minutes"] >= w["bound_minutes"] for w in fresh["waves"].values())
+    barrier = json.loads(_run(restore, "forecast", "--fresh", "--json", "--policy", "barrier").stdout)
+    assert barrier["makespan_minutes"] > fresh["makespan_minutes"]
+    wider = json.loads(
+        _run(restore, "forecast", "--fresh", "--json", "--capacity", "backup-streams=12").stdout
+    )
+    assert wider["makespan_minutes"] < fresh["makespan_minutes"]
+    some = json.loads(_run(restore, "forecast", "--fresh", "--json", "-w", "core", "-w", "icu").stdout)
+    assert list(some["waves"]) == ["core", "icu"]
+    for bad, message in (
+        (["--capacity", "backup-streams=0"], "expected POOL=N"),
+        (["--capacity", "nosuch=3"], "expected POOL=N"),
+        (["--policy", "srm"], "unknown policy 'srm'"),
+        (["--wave", "nosuch"], "no wave named 'nosuch'"),
+    ):
+        result = _run(restore, "forecast", "--fresh", *bad)
+        assert result.exit_code == 2, bad
+        assert message in result.stderr, result.stderr

@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-from restore_flows.prefect_server import PrefectServer
+from restore_flows.flows.server import PrefectServer
 from restore_flows.states import HostState
 from tests.flows.served import Served, api_client, eventually, final_state, start_run
 from tests.live.estate import BMC_PASSWORD, DEPLOY_TOKEN, LiveEstate, live_estate
@@ -93,4 +93,4 @@ def test_a_live_wave_from_the_deployment_with_its_approval_form(live: tuple[Live
     # The capture is not empty: the drivers' own debug lines and the wave's artifacts are there.
     names = {line.split(":", 1)[0] for line in logs.splitlines()}
     assert "restore_flows.drivers.ssh" in names, names
-    assert any(a.key == "wave-icu-summary" for a in artifacts)
+    assert any(a.key == "run-summary" for a in artifacts)

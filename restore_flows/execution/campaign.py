@@ -1,0 +1,675 @@
+"""The one runner of a restore: some or all waves at once, every stage as soon as its dependencies, its
+wave's approval and its pools allow. CLI, rehearsals, the Prefect flows and the tests all run this.
+
+How a stage is executed (threads here, Prefect tasks in the flows) and how approvals are asked
+(automatically for rehearsals, a name on the command line, the Prefect form) are injected. The
+scheduler decides; :class:`LedgerWorld` tells it what changes outside this run (hosts of other runs,
+approvals, pool slots other runs hold); :class:`~restore_flows.execution.stages.StageRunner` does each
+stage through the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from restore_flows.drivers.base import Fleet
+from restore_flows.execution.eta import learned_durations
+from restore_flows.execution.stages import StageResult, StageRunner
+from restore_flows.inventory.estate import Host
+from restore_flows.ledger.pools import Request
+from restore_flows.ledger.repository import Ledger
+from restore_flows.planning import Plan
+from restore_flows.scheduling.clock import Outcome, RealClock, Result
+from restore_flows.scheduling.priority import Priorities, PriorityPolicy
+from restore_flows.scheduling.runner import Retries, run
+from restore_flows.scheduling.scheduler import CAMPAIGN, Policy, Scheduler, Start
+from restore_flows.scheduling.scheduler import Status as Sched
+from restore_flows.scheduling.work import Job, jobs_for, remaining_stages
+from restore_flows.states import FINAL, STUCK, HostState
+
+log = logging.getLogger(__name__)
+
+
+class Status(StrEnum):
+    """What managers read about a host in a run."""
+
+    PENDING = "pending"
+    WAITING = "waiting"
+    RUNNING = "running"
+    ONLINE = "online"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+
+
+@dataclass
+class HostProgress:
+    host: str
+    wave: str
+    site: str
+    department: str
+    status: Status = Status.PENDING
+    state: HostState = HostState.COMPROMISED
+    reason: str | None = None
+    error: str | None = None
+    stage: str | None = None
+
+
+@dataclass
+class RunSummary:
+    hosts: dict[str, HostProgress]
+    elapsed_seconds: float
+    refused: dict[str, str] = field(default_factory=dict)
+    """Waves not approved, with why: nothing of them was wiped."""
+
+    @property
+    def ok(self) -> bool:
+        return all(p.status is Status.ONLINE for p in self.hosts.values())
+
+    def count(self, status: Status) -> int:
+        return sum(1 for p in self.hosts.values() if p.status == status)
+
+    def failed(self) -> list[HostProgress]:
+        return [p for p in self.hosts.values() if p.status is Status.FAILED]
+
+    def blocked(self) -> list[HostProgress]:
+        return [p for p in self.hosts.values() if p.status is Status.BLOCKED]
+
+    def wave(self, name: str) -> list[HostProgress]:
+        return [p for p in self.hosts.values() if p.wave == name]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which hosts a run restores: some waves (all by default), optionally narrowed."""
+
+    waves: tuple[str, ...] = ()
+    sites: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+
+    def resolve(self, the_plan: Plan) -> list[str]:
+        """The chosen hosts in plan order; unknown waves or hosts are an error."""
+        known = [w.name for w in the_plan.waves]
+        unknown = [w for w in self.waves if w not in known]
+        if unknown:
+            raise ValueError(f"no wave named {unknown[0]!r} (waves: {', '.join(known)})")
+        waves = [w for w in the_plan.waves if not self.waves or w.name in self.waves]
+        names = [n for w in waves for n in w.hosts]
+        if self.sites:
+            names = [n for n in names if the_plan.estate.hosts[n].site in self.sites]
+        if self.hosts:
+            inside = set(names)
+            missing = sorted(set(self.hosts) - inside)
+            if missing:
+                raise ValueError(f"not in the chosen waves: {', '.join(missing)}")
+            wanted = set(self.hosts)
+            names = [n for n in names if n in wanted]
+        return names
+
+
+@dataclass(frozen=True)
+class WaveToApprove:
+    wave: str
+    hosts: tuple[str, ...]
+    """What this run would wipe in it (hosts not yet clean)."""
+    summary: str
+
+
+class Approver(Protocol):
+    """How a run's waves get their approval. ``ask`` is called once with every wave that needs one;
+    ``poll`` returns, at any later time, the waves newly approved (wave -> approver's name) and the
+    waves that will not be (wave -> why). Destructive work of a wave starts only once approved."""
+
+    automatic: bool
+    """Approvals it gives are recorded as automatic (rehearsals)."""
+
+    def ask(self, waves: Sequence[WaveToApprove]) -> None: ...
+
+    def poll(self) -> tuple[dict[str, str], dict[str, str]]: ...
+
+    def pending(self) -> bool:
+        """Whether an answer may still come."""
+        ...
+
+
+class Automatic:
+    """Rehearsals: every wave approved at once, recorded as automatic."""
+
+    name = "automatic (rehearsal)"
+    automatic = True
+
+    def __init__(self) -> None:
+        self._waves: list[str] = []
+
+    def ask(self, waves: Sequence[WaveToApprove]) -> None:
+        self._waves = [w.wave for w in waves]
+
+    def poll(self) -> tuple[dict[str, str], dict[str, str]]:
+        approved = dict.fromkeys(self._waves, self.name)
+        self._waves = []
+        return approved, {}
+
+    def pending(self) -> bool:
+        return bool(self._waves)
+
+
+class Named(Automatic):
+    """A named person approved every wave beforehand (``restore run --approver``)."""
+
+    automatic = False
+
+    def __init__(self, approver: str) -> None:
+        super().__init__()
+        self.name = approver
+
+
+def approval_summary(the_plan: Plan, hosts: Sequence[str], ledger: Ledger, wave: str | None = None) -> str:
+    """What an approver is shown before a wave's first wipe: counts per site and kind, forensic holds."""
+    estate = the_plan.estate
+    states = ledger.states(hosts)
+    online = [n for n in hosts if states.get(n) is HostState.ONLINE]
+    todo = [n for n in hosts if states.get(n) is not HostState.ONLINE]
+    per = Counter((estate.hosts[n].site, estate.hosts[n].kind.value) for n in todo)
+    title = f"Wave {wave}: " if wave else ""
+    lines = [f"{title}{len(todo)} host(s) will be wiped and rebuilt:"]
+    lines += [f"- {site}: {count} {kind}(s)" for (site, kind), count in sorted(per.items())]
+    if online:
+        lines.append(f"{len(online)} host(s) of it are online already: nothing is done to them.")
+    held = [n for n in todo if estate.hosts[n].forensic_hold]
+    if held:
+        evidence = ledger.with_evidence()
+        lines.append("Under forensic hold:")
+        lines += [f"- {n}: evidence {'registered' if n in evidence else 'NOT yet registered'}" for n in held]
+    return "\n".join(lines)
+
+
+class Executor(Protocol):
+    """Runs a stage somewhere (a thread, a Prefect task) and reports its outcome, always."""
+
+    def submit(
+        self, start: Start, work: Callable[[], Outcome], deliver: Callable[[Outcome], None]
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadExecutor:
+    """Stages on a thread pool. Its size bounds only how many stages *run* at once (waiting costs no
+    thread); it is a safety net far above what the pools allow, not a schedule limit."""
+
+    def __init__(self, max_workers: int = 512) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stage")
+
+    def submit(self, start: Start, work: Callable[[], Outcome], deliver: Callable[[Outcome], None]) -> None:
+        def task() -> None:
+            deliver(work())
+
+        self._pool.submit(task)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@dataclass
+class CampaignSettings:
+    lease_seconds: float = 300.0
+    retries: Retries = field(default_factory=Retries)
+    poll_seconds: float = 0.5
+    """How often the ledger is looked at for what changes outside the run."""
+    dependency_timeout: float = 3600.0
+    """How long a host waits for a dependency outside the run that does not come online."""
+    policy: Policy = CAMPAIGN
+    priority: PriorityPolicy = PriorityPolicy.LOOKAHEAD
+    pace: float = 1.0
+    """Real minutes per planned minute until stages have been observed (a rehearsal's time scale)."""
+
+
+class Campaign:
+    def __init__(
+        self,
+        ledger: Ledger,
+        the_plan: Plan,
+        fleet: Fleet,
+        selection: Selection,
+        *,
+        run_id: str,
+        actor: str,
+        executor: Executor,
+        approver: Approver,
+        settings: CampaignSettings | None = None,
+        on_change: Callable[[HostProgress], None] = lambda progress: None,
+        on_poll: Callable[[Campaign], None] = lambda campaign: None,
+    ) -> None:
+        self.ledger = ledger
+        self.plan = the_plan
+        self.fleet = fleet
+        self.run_id = run_id
+        self.actor = actor
+        self.settings = settings or CampaignSettings()
+        self.executor = executor
+        self.approver = approver
+        self.on_change = on_change
+        self.on_poll = on_poll
+        self.hosts = selection.resolve(the_plan)
+        self.progress: dict[str, HostProgress] = {}
+        self._lock = threading.Lock()
+
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        estate = self.plan.estate
+        # A run that starts owns no pool slot yet; any it has are left by its own earlier process (a
+        # flow run re-run after a crash), whose stages are gone: give them back.
+        self.ledger.slots.release_run(self.run_id)
+        states = self.ledger.states()
+        evidence = self.ledger.with_evidence()
+        durations = learned_durations(self.ledger, self.plan, self.settings.pace)
+        every = [n for w in self.plan.waves for n in w.hosts]
+        all_jobs, stuck = jobs_for(self.plan, every, states, evidence, durations)
+        jobs = {n: all_jobs[n] for n in self.hosts if n in all_jobs}
+        wave_index = {w.name: i for i, w in enumerate(self.plan.waves)}
+        self.progress = {n: self._new_progress(n, states.get(n, HostState.COMPROMISED)) for n in self.hosts}
+        online = {n for n, s in states.items() if s is FINAL}
+        capacities = {name: pool.capacity for name, pool in estate.pools.items()}
+        priorities = Priorities(self.plan, all_jobs, self.settings.priority)
+        to_approve = self._waves_to_approve(jobs, online)
+        scheduler = Scheduler(
+            jobs,
+            priorities,
+            capacities,
+            online=online,
+            approved={wave_index[w] for w in {self.plan.hosts[n].wave for n in jobs}}
+            - {wave_index[w.wave] for w in to_approve},
+            policy=self.settings.policy,
+            stuck={n: f"is {s.value}" for n, s in stuck.items() if n not in jobs},
+        )
+        for name, state in stuck.items():
+            if name in self.progress:
+                self._set(name, Status.FAILED, state=state, error=f"needs an operator: host is {state.value}")
+        for name in jobs:
+            if scheduler.status[name] is Sched.DONE:
+                self._set(name, Status.ONLINE, state=FINAL)
+        runner = StageRunner(
+            self.ledger,
+            self.fleet,
+            self.run_id,
+            self.actor,
+            self.settings.lease_seconds,
+            on_change=self._state_changed,
+        )
+        world = LedgerWorld(self, scheduler, jobs, wave_index, to_approve)
+        clock = RealClock()
+        starter = _Starter(self, runner, jobs, clock, world)
+        heart = _Heartbeat(self.ledger, self.run_id, self.settings.lease_seconds)
+        heart.start()
+        if to_approve:
+            self.approver.ask(to_approve)
+        try:
+            run(
+                scheduler,
+                clock,
+                starter,
+                world,
+                retries=self.settings.retries,
+                observer=_Progress(self, scheduler, runner),
+            )
+        finally:
+            heart.stop()
+            self.executor.close()
+        for name in scheduler.unfinished():
+            self._set(name, Status.BLOCKED, reason=scheduler.why(name))
+        for name, status in scheduler.status.items():
+            item = self.progress[name]
+            if status is Sched.BLOCKED and item.status is not Status.BLOCKED:
+                self._set(name, Status.BLOCKED, reason=scheduler.dead.get(name))
+            elif status is Sched.DONE and item.status is not Status.ONLINE:
+                self._set(name, Status.ONLINE, state=FINAL)
+        return RunSummary(dict(self.progress), time.monotonic() - started, dict(world.refused))
+
+    # -- progress ----------------------------------------------------------------------------------
+
+    def _new_progress(self, name: str, state: HostState) -> HostProgress:
+        host = self.plan.estate.hosts[name]
+        return HostProgress(name, self.plan.hosts[name].wave, host.site, host.department, state=state)
+
+    def _set(
+        self,
+        name: str,
+        status: Status,
+        *,
+        state: HostState | None = None,
+        reason: str | None = None,
+        error: str | None = None,
+        stage: str | None = None,
+    ) -> None:
+        with self._lock:
+            item = self.progress[name]
+            item.status = status
+            item.reason = reason
+            if state is not None:
+                item.state = state
+            if error is not None:
+                item.error = error
+            if stage is not None:
+                item.stage = stage
+        self.on_change(item)
+
+    def _state_changed(self, host: str, stage: object, state: HostState) -> None:
+        with self._lock:
+            self.progress[host].state = state
+
+    def _waves_to_approve(self, jobs: Mapping[str, Job], online: set[str]) -> list[WaveToApprove]:
+        """Waves with hosts to wipe that this run has no approval for yet (a run resumed after a crash
+        keeps the approvals it had)."""
+        covered = self.ledger.approved_hosts(self.run_id)
+        per_wave: dict[str, list[str]] = {}
+        for name in self.hosts:
+            if name in jobs and name not in online and jobs[name].steps and name not in covered:
+                per_wave.setdefault(self.plan.hosts[name].wave, []).append(name)
+        return [
+            WaveToApprove(wave, tuple(names), approval_summary(self.plan, names, self.ledger, wave))
+            for wave, names in per_wave.items()
+        ]
+
+    def snapshot(self) -> dict[str, HostProgress]:
+        with self._lock:
+            return {n: HostProgress(**vars(p)) for n, p in self.progress.items()}
+
+
+def _uses(scheduler: Scheduler) -> dict[str, tuple[int, int]]:
+    return {pool: scheduler.pool_use(pool) for pool in scheduler.capacity}
+
+
+class _Starter:
+    """Starts a scheduled stage on the executor; its result comes back through the clock."""
+
+    def __init__(
+        self,
+        campaign: Campaign,
+        runner: StageRunner,
+        jobs: Mapping[str, Job],
+        clock: RealClock,
+        world: LedgerWorld,
+    ) -> None:
+        self._campaign = campaign
+        self._runner = runner
+        self._jobs = jobs
+        self._clock = clock
+        self._world = world
+
+    def start(self, start: Start) -> None:
+        host = self._campaign.plan.estate.hosts[start.host]
+        self._campaign._set(start.host, Status.RUNNING, stage=start.stage.value)
+
+        def work() -> Outcome:
+            # The stage takes its slots over from the world, and gives them back as it ends.
+            result = self._runner.run(host, start.stage, lambda: self._world.take_claims(start.host))
+            return outcome_of(result, host, self._jobs[start.host], start)
+
+        self._campaign.executor.submit(start, work, self._clock.deliver)
+
+
+def outcome_of(result: StageResult, host: Host, job: Job, start: Start) -> Outcome:
+    """What a stage's result means to the scheduler: where the host is in its job now."""
+    if result.state is None:
+        return Outcome(start.host, Result.MOVED, None, error=result.held_by)
+    if result.gave_up:
+        return Outcome(start.host, Result.STUCK, error=result.error)
+    state = result.state
+    if state is not None and state.value.endswith("_failed"):
+        return Outcome(start.host, Result.FAILED, retryable=result.retryable, error=result.error)
+    if state in STUCK:
+        return Outcome(start.host, Result.STUCK, error=result.error or f"host is {state.value}")
+    left = remaining_stages(host, state, has_evidence=True)
+    if left is None:
+        return Outcome(start.host, Result.STUCK, error=f"host is {state.value}")
+    stages = [step.stage for step in job.steps]
+    index = len(stages) - len(left)
+    if index < 0 or tuple(stages[index:]) != left:
+        return Outcome(
+            start.host, Result.STUCK, error=f"host is {state.value}, which this run did not plan for"
+        )
+    result_kind = Result.DONE if index == start.step + 1 else Result.MOVED
+    return Outcome(start.host, result_kind, index)
+
+
+class _Progress:
+    """Keeps the managers' view of each host in step with the scheduler."""
+
+    def __init__(self, campaign: Campaign, scheduler: Scheduler, runner: StageRunner) -> None:
+        self._campaign = campaign
+        self._scheduler = scheduler
+        self._runner = runner
+
+    def started(self, start: Start, now: float) -> None:
+        pass
+
+    def ended(self, start: Start, outcome: Outcome, now: float) -> None:
+        campaign = self._campaign
+        name = start.host
+        status = self._scheduler.status[name]
+        if status is Sched.DONE:
+            campaign._set(name, Status.ONLINE, state=FINAL)
+        elif status is Sched.FAILED:
+            self._runner.done_with(name)
+            campaign._set(name, Status.FAILED, error=self._scheduler.dead.get(name), stage=start.stage.value)
+        elif status is Sched.BLOCKED:
+            self._runner.done_with(name)
+            campaign._set(name, Status.BLOCKED, reason=self._scheduler.dead.get(name))
+        elif outcome.result is Result.FAILED:
+            campaign._set(
+                name, Status.WAITING, reason=f"{start.stage.value} failed, retrying: {outcome.error}"
+            )
+        else:
+            campaign._set(name, Status.WAITING, reason=outcome.error or self._scheduler.why(name))
+
+
+class _Heartbeat:
+    """Renews the run's heartbeat, leases and pool claims while its process lives."""
+
+    def __init__(self, ledger: Ledger, run_id: str, seconds: float) -> None:
+        self._ledger = ledger
+        self._run_id = run_id
+        self._seconds = seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self._ledger.heartbeat(self._run_id, self._seconds)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(10.0, self._seconds / 3)):
+            try:
+                self._ledger.heartbeat(self._run_id, self._seconds)
+            except Exception:  # a database hiccup: the next beat tries again, well within the lease
+                log.warning("run %s: could not renew its heartbeat", self._run_id, exc_info=True)
+
+
+class LedgerWorld:
+    """What the ledger says about everything outside this run's own stages."""
+
+    def __init__(
+        self,
+        campaign: Campaign,
+        scheduler: Scheduler,
+        jobs: Mapping[str, Job],
+        wave_index: Mapping[str, int],
+        to_approve: Sequence[WaveToApprove],
+    ) -> None:
+        self._campaign = campaign
+        self._ledger = campaign.ledger
+        self._scheduler = scheduler
+        self._jobs = jobs
+        self._wave_index = wave_index
+        self._to_approve = {w.wave: w for w in to_approve}
+        self._settings = campaign.settings
+        self.poll_minutes = campaign.settings.poll_seconds / 60.0
+        self._claims: dict[str, tuple[int, ...]] = {}
+        self._lock = threading.Lock()
+        self._waiting: dict[str, str] = {}
+        """Hosts with a waiting pool claim filed (their stage), so other runs keep their place."""
+        self._waiting_since: dict[str, float] = {}
+        self.refused: dict[str, str] = {}
+        self._last_reasons = 0.0
+
+    def refresh(self, scheduler: Scheduler, now: float) -> None:
+        self._approvals(scheduler)
+        outside = scheduler.waits_for_outside()
+        if outside:
+            states = self._ledger.states(outside)
+            for name in outside:
+                state = states.get(name)
+                if state is FINAL:
+                    scheduler.outside_online(name)
+                elif state is not None and state in STUCK:
+                    scheduler.outside_stuck(name, f"is {state.value}")
+                else:
+                    since = self._waiting_since.setdefault(name, now)
+                    if (now - since) * 60.0 > self._settings.dependency_timeout:
+                        scheduler.outside_stuck(
+                            name, f"not online after {self._settings.dependency_timeout:.0f} s"
+                        )
+        taken = self._ledger.slots.taken_by_others(self._campaign.run_id)
+        for pool in set(taken) | {p for p, (_, others) in _uses(scheduler).items() if others}:
+            scheduler.set_foreign(pool, taken.get(pool, 0))
+        for name, stage in list(self._waiting.items()):
+            if scheduler.status[name] is not Sched.READY:
+                self._waiting.pop(name)
+                if scheduler.status[name] is not Sched.RUNNING:
+                    self._ledger.slots.withdraw(self._campaign.run_id, name, stage)
+        # What waits for slots keeps its place against other runs: file its claims.
+        queued = [s for s in scheduler.waiting_for_slots(per_pool=8) if s.host not in self._waiting]
+        if queued:
+            self._ledger.slots.wait(
+                self._campaign.run_id,
+                [Request(s.host, s.stage.value, s.pools, s.priority) for s in queued],
+                self._settings.lease_seconds,
+            )
+            self._waiting.update({s.host: s.stage.value for s in queued})
+        self._reasons(scheduler, now)
+        self._campaign.on_poll(self._campaign)
+
+    def _approvals(self, scheduler: Scheduler) -> None:
+        approved, refused = self._campaign.approver.poll()
+        for wave, approver in approved.items():
+            request = self._to_approve.pop(wave, None)
+            if request is None:
+                continue
+            self._ledger.record_approval(
+                self._campaign.run_id,
+                wave,
+                request.hosts,
+                approver,
+                request.summary,
+                automatic=getattr(self._campaign.approver, "automatic", False),
+            )
+            scheduler.approve(self._wave_index[wave])
+        for wave, why in refused.items():
+            if self._to_approve.pop(wave, None) is None:
+                continue
+            self.refused[wave] = why
+            for name in self._jobs:
+                if self._campaign.plan.hosts[name].wave == wave:
+                    scheduler.give_up(name, Sched.BLOCKED, f"wave {wave} not approved: {why}")
+
+    def _reasons(self, scheduler: Scheduler, now: float) -> None:
+        """Why each waiting host waits, for the managers' view (not on every poll: it reads them all)."""
+        if (now - self._last_reasons) * 60.0 < 5.0:
+            return
+        self._last_reasons = now
+        for name, item in self._campaign.snapshot().items():
+            if name not in scheduler.status:
+                continue
+            status = scheduler.status[name]
+            if status in (Sched.PENDING, Sched.READY):
+                reason = scheduler.why(name)
+                if item.status is not Status.WAITING or item.reason != reason:
+                    self._campaign._set(name, Status.WAITING, reason=reason)
+            elif status is Sched.BLOCKED and item.status is not Status.BLOCKED:
+                self._campaign._set(name, Status.BLOCKED, reason=scheduler.dead.get(name))
+            elif status is Sched.FAILED and item.status is not Status.FAILED:
+                self._campaign._set(name, Status.FAILED, error=scheduler.dead.get(name))
+
+    def grant(self, starts: Sequence[Start], scheduler: Scheduler) -> list[Start]:
+        pooled = [s for s in starts if s.pools]
+        chosen = [s for s in starts if not s.pools]
+        if pooled:
+            answer = self._ledger.slots.grant(
+                self._campaign.run_id,
+                [Request(s.host, s.stage.value, s.pools, s.priority) for s in pooled],
+                self._settings.lease_seconds,
+            )
+            granted = {(r.host, r.stage) for r in answer.granted}
+            for start in pooled:
+                key = (start.host, start.stage.value)
+                if key in granted:
+                    with self._lock:
+                        self._claims[start.host] = answer.claims[key]
+                    self._waiting.pop(start.host, None)
+                    chosen.append(start)
+                else:
+                    self._waiting[start.host] = start.stage.value
+            if len(chosen) < len(starts):
+                for pool, taken in answer.taken_by_others.items():
+                    scheduler.set_foreign(pool, taken)
+        return chosen
+
+    def take_claims(self, host: str) -> tuple[int, ...]:
+        """The claims granted for a host's stage, handed to the stage that runs (it releases them)."""
+        with self._lock:
+            return self._claims.pop(host, ())
+
+    def release(self, start: Start) -> None:
+        """Claims still here belong to a stage that never ran (its task did not start)."""
+        claims = self.take_claims(start.host)
+        if claims:
+            self._ledger.slots.release(claims)
+
+    def may_change(self, scheduler: Scheduler, now: float) -> bool:
+        if self._to_approve and scheduler.waiting_for_approval() and self._campaign.approver.pending():
+            return True
+        return scheduler.waits_for_others() or bool(scheduler.waits_for_outside())
+
+
+def run_campaign(
+    ledger: Ledger,
+    the_plan: Plan,
+    fleet: Fleet,
+    selection: Selection,
+    *,
+    mode: str,
+    actor: str,
+    approver: Approver,
+    settings: CampaignSettings | None = None,
+    executor: Executor | None = None,
+    on_change: Callable[[HostProgress], None] = lambda progress: None,
+) -> tuple[str, RunSummary]:
+    """A whole run on threads: the ledger run opened, the campaign run, its outcome recorded."""
+    scope = ", ".join(selection.waves) or "every wave"
+    run_id = ledger.start_run(mode, scope, actor)
+    campaign = Campaign(
+        ledger,
+        the_plan,
+        fleet,
+        selection,
+        run_id=run_id,
+        actor=actor,
+        executor=executor or ThreadExecutor(),
+        approver=approver,
+        settings=settings,
+        on_change=on_change,
+    )
+    summary = campaign.run()
+    ledger.finish_run(run_id, "completed" if summary.ok else "failed")
+    return run_id, summary

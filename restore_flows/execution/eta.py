@@ -1,0 +1,81 @@
+"""The ETA: the forecast run from where the ledger says the estate is, at the pace seen so far.
+
+This is the one estimate shown everywhere (``restore status``, ``restore forecast``, the run's
+artifacts, the terminal): the scheduler of the real run, on a virtual clock, from the hosts' recorded
+states, the stages running and for how long, and the median duration observed per role and stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+from restore_flows.inventory.models import Stage
+from restore_flows.ledger.repository import Ledger, utcnow
+from restore_flows.ledger.status import status_report
+from restore_flows.planning import Plan
+from restore_flows.scheduling.durations import Durations, Observation
+from restore_flows.scheduling.forecast import Forecast, WhatIf, forecast
+from restore_flows.states import RUNNING_STAGE
+
+
+def learned_durations(ledger: Ledger, the_plan: Plan, default_pace: float = 1.0) -> Durations:
+    observations = (
+        Observation(host, Stage(stage), seconds) for host, stage, seconds in ledger.finished_attempts()
+    )
+    return Durations.learned(the_plan.estate.hosts, observations, default_pace=default_pace)
+
+
+def forecast_from_ledger(
+    ledger: Ledger,
+    the_plan: Plan,
+    what_if: WhatIf | None = None,
+    *,
+    now: Callable[[], dt.datetime] = utcnow,
+    default_pace: float = 1.0,
+) -> Forecast:
+    """Minutes from now. ``default_pace`` scales the plan while nothing was observed (a rehearsal's
+    time scale); ``forecast(the_plan)`` alone is the fresh forecast, as if nothing were restored."""
+    states = ledger.states()
+    running: dict[str, float] = {}
+    at = now()
+    leases = ledger.leases()
+    for host, (stage, _run, started) in ledger.running_stages().items():
+        state = states.get(host)
+        lease = leases.get(host)
+        # A stage left running by a run that is gone will be started again: it is not half done.
+        alive = lease is not None and lease[1] is not None and lease[1] > at
+        if alive and state is not None and RUNNING_STAGE.get(state) is Stage(stage):
+            running[host] = max(0.0, (at - started).total_seconds() / 60.0)
+    return forecast(
+        the_plan,
+        what_if=what_if,
+        states=states,
+        evidence=ledger.with_evidence(),
+        durations=learned_durations(ledger, the_plan, default_pace),
+        running=running,
+    )
+
+
+def format_minutes(minutes: float | None) -> str:
+    """For people: '45 s', '12 min', '9.8 h'; None is 'not before an operator acts'."""
+    if minutes is None:
+        return "not until an operator acts"
+    seconds = minutes * 60
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    return f"{minutes / 60:.1f} h"
+
+
+def estate_status(ledger: Ledger, the_plan: Plan) -> dict[str, Any]:
+    """``restore status --json``: the ledger's hosts per wave, site, department and kind, with each
+    wave's ETA from the forecast."""
+    records = ledger.hosts()
+    found = forecast_from_ledger(ledger, the_plan)
+    etas = {name: wave.finish_minutes for name, wave in found.waves.items()}
+    report = status_report(records, [w.name for w in the_plan.waves], etas)
+    report["estate"]["eta_minutes"] = found.makespan_minutes
+    return report
