@@ -1,13 +1,12 @@
-"""Full rehearsal of the sample estate: through a real Prefect server, and with Prefect bypassed.
+"""Full rehearsal of the sample estate as one campaign: through a real Prefect server, and bypassed.
 
-(a) every wave of the sample estate (1,700 hosts) with zero-duration stages through the restore-wave
-    flow against a real local Prefect server (tuned batching);
-(b) the same dispatcher and pipeline on a plain bounded thread pool, no Prefect;
-then the ratio (a)/(b). Finally the simulated makespan with realistic durations (time-scaled, same
-dispatcher) next to its lower bound: the larger of the longest dependency chain and, for each pool,
-its total work divided by its capacity.
+(a) every wave of the sample estate (1,700 hosts), zero-duration stages, through the restore-estate
+    flow against a real local Prefect server (tuned batching): one task run per stage;
+(b) the same campaign runner on plain threads, no Prefect;
+then the ratio (a)/(b), and the size of the flow run's graph (task runs), which the UI draws up to
+10,000 nodes. How long the restore itself would take is ``benchmarks/schedule.py``'s subject.
 
-    .venv/bin/python benchmarks/rehearsal.py [--inventory inventory] [--workers 16] [--scale 0.0005]
+    .venv/bin/python benchmarks/rehearsal.py [--inventory inventory]
 """
 
 from __future__ import annotations
@@ -19,15 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 from restore_flows.drivers.fake import SimulatedFleet
-from restore_flows.eta import planned_stages, stage_minutes
+from restore_flows.execution.campaign import Automatic, CampaignSettings, Selection, run_campaign
+from restore_flows.flows.server import client_settings, running_server
 from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
-from restore_flows.pipeline import PipelineSettings
 from restore_flows.planning import Plan, plan
-from restore_flows.prefect_server import client_settings, running_server
-from restore_flows.waves import WaveRequest, run_wave_threads
+from restore_flows.scheduling.runner import Retries
 
 
 def _port() -> int:
@@ -36,100 +36,76 @@ def _port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _fresh_ledger(path: Path, the_plan: Plan) -> Ledger:
-    engine = make_engine(f"sqlite:///{path}")
+def bypass(the_plan: Plan, scratch: Path) -> float:
+    engine = make_engine(f"sqlite:///{scratch / 'bypass.sqlite3'}")
     upgrade(engine)
     ledger = Ledger(engine)
     ledger.sync_inventory(the_plan.estate, the_plan)
-    return ledger
-
-
-def bypass(the_plan: Plan, scratch: Path, workers: int, time_scale: float = 0.0) -> float:
-    ledger = _fresh_ledger(scratch / f"bypass-{time_scale}.sqlite3", the_plan)
-    fleet = SimulatedFleet(time_scale=time_scale)
     started = time.perf_counter()
-    for wave in the_plan.waves:
-        _, summary = run_wave_threads(
-            ledger,
-            the_plan,
-            fleet,
-            WaveRequest(wave.name),
-            workers=workers,
-            settings=PipelineSettings(backoff_seconds=(0.0,)),
-        )
-        assert summary.ok, wave.name
-    return time.perf_counter() - started
+    _, summary = run_campaign(
+        ledger,
+        the_plan,
+        SimulatedFleet(),
+        Selection(),
+        mode="rehearsal",
+        actor="bench",
+        approver=Automatic(),
+        settings=CampaignSettings(retries=Retries(backoff_minutes=(0.0,))),
+    )
+    elapsed = time.perf_counter() - started
+    assert summary.ok
+    engine.dispose()
+    return elapsed
 
 
-def through_prefect(inventory: Path, scratch: Path, workers: int) -> tuple[float, float]:
-    """Returns (server start seconds, rehearsal seconds)."""
+def through_prefect(inventory: Path, scratch: Path) -> tuple[float, float, int]:
+    """Returns (server start seconds, rehearsal seconds, task runs of the flow run)."""
     with running_server(scratch / "prefect", port=_port()) as server:
         os.environ.update(client_settings(server.api_url, server.home))
         os.environ["RESTORE_INVENTORY"] = str(inventory)
         os.environ["RESTORE_DATA_DIR"] = str(scratch / "data")
-        from restore_flows.flows import EstateParameters, restore_estate
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+        from restore_flows.flows.restore import EstateParameters, restore_estate
 
         started = time.perf_counter()
-        state = restore_estate(EstateParameters(workers=workers), return_state=True)
+        state = restore_estate(EstateParameters(), return_state=True)
         elapsed = time.perf_counter() - started
         assert state.is_completed(), state.message
-        return server.started_in, elapsed
-
-
-def lower_bound_minutes(the_plan: Plan) -> tuple[float, float, str]:
-    """(longest chain, busiest pool's work / capacity, that pool) in simulated minutes."""
-    estate = the_plan.estate
-    own: dict[str, float] = {}
-    for name, host in estate.hosts.items():
-        own[name] = sum(stage_minutes(host, s) for s in planned_stages(host))
-    finish: dict[str, float] = {}
-    for wave in the_plan.waves:
-        for name in wave.hosts:  # start order: dependencies first
-            deps = estate.hosts[name].depends_on
-            finish[name] = own[name] + max((finish[d] for d in deps), default=0.0)
-    chain = max(finish.values())
-    work: dict[str, float] = {}
-    for host in estate.hosts.values():
-        for stage, pools in host.pools.items():
-            for pool in pools:
-                work[pool] = work.get(pool, 0.0) + stage_minutes(host, stage)
-    busiest = max(work, key=lambda p: work[p] / estate.pools[p].capacity)
-    return chain, work[busiest] / estate.pools[busiest].capacity, busiest
+        flow_run_id = state.state_details.flow_run_id
+        assert flow_run_id is not None
+        nodes = 0
+        deadline = time.monotonic() + 120
+        query = {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}}
+        with httpx.Client(base_url=server.api_url, timeout=30) as http:
+            # The server records task runs from their events, a moment after they ran: count until stable.
+            while time.monotonic() < deadline:
+                counted = int(http.post("/task_runs/count", json=query).json())
+                if counted == nodes and nodes:
+                    break
+                nodes = counted
+                time.sleep(2)
+        return server.started_in, elapsed, nodes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--inventory", type=Path, default=Path("inventory"))
-    parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument(
-        "--scale", type=float, default=0.0005, help="time scale of the makespan run (0.0005: 1 min = 30 ms)"
-    )
     args = parser.parse_args()
     the_plan = plan(load_estate(args.inventory))
     hosts = len(the_plan.hosts)
     with tempfile.TemporaryDirectory(prefix="restore-rehearsal-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
-        b = bypass(the_plan, scratch, args.workers)
-        print(f"(b) dispatcher + pipeline, Prefect bypassed: {hosts:,} hosts in {b:.1f} s", flush=True)
-        chain, pool_bound, pool = lower_bound_minutes(the_plan)
-        wall = bypass(the_plan, scratch, args.workers, time_scale=args.scale)
-        makespan = wall / (60 * args.scale)
-        bound = max(chain, pool_bound)
-        # The bound ignores that waves run one after another and that at most --workers hosts are
-        # worked on at once; with 16 workers the work alone needs about 1,700 x 45 min / 16.
-        print(
-            f"simulated makespan with realistic durations ({args.workers} workers): {makespan / 60:.1f} h; "
-            f"lower bound {bound / 60:.1f} h (longest chain {chain / 60:.1f} h, pool {pool} "
-            f"{pool_bound / 60:.1f} h); ratio {makespan / bound:.2f}",
-            flush=True,
-        )
+        b = bypass(the_plan, scratch)
+        print(f"(b) campaign runner on threads, Prefect bypassed: {hosts:,} hosts in {b:.1f} s", flush=True)
         # Last: once a flow has run in this process, Prefect's log shipping expects the server.
-        start, a = through_prefect(args.inventory.resolve(), scratch, args.workers)
+        start, a, nodes = through_prefect(args.inventory.resolve(), scratch)
         print(
-            f"(a) through a real Prefect server:          {hosts:,} hosts in {a:.1f} s "
+            f"(a) through a real Prefect server:                {hosts:,} hosts in {a:.1f} s "
             f"(server start {start:.0f} s, not counted)"
         )
-        print(f"ratio (a)/(b): {a / b:.2f}   target: (a) < 120 s, ratio <= 2")
+        print(
+            f"ratio (a)/(b): {a / b:.2f}; the campaign's flow run has {nodes:,} task runs (UI limit 10,000)"
+        )
 
 
 if __name__ == "__main__":
