@@ -45,7 +45,7 @@ def open_ledger(settings: Settings, *, rehearsal: bool = False, migrate: bool = 
         if migrate:
             upgrade(engine)
         require_current_schema(engine)
-        yield Context(settings, engine, Ledger(engine))
+        yield Context(settings, engine, Ledger(engine, stale_seconds=settings.run_stale_seconds))
     finally:
         engine.dispose()
 

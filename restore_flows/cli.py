@@ -1,8 +1,12 @@
 """The ``restore`` command. Thin: parse arguments, call the package, print, choose the exit status.
 
 Exit status: 0 success (warnings allowed); 1 the ledger refused (a safety rule, a lease held by a run,
-an illegal event); 2 the input cannot be used (inventory errors, bad arguments, unmigrated database).
-Expected failures never show a traceback.
+an illegal event); 2 the input cannot be used (inventory errors, bad arguments, an unknown host, a
+database that cannot be reached or is not migrated). Expected failures never show a traceback, and
+text that came from a user or a file is printed as it is, never read as markup.
+
+Commands that only read (``status``, ``history``, ``forecast``, ``plan``, ``validate``) never write to
+the ledger: hosts of the inventory that no run has enrolled yet are shown as compromised.
 """
 
 from __future__ import annotations
@@ -12,19 +16,22 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, ParamSpec
+from typing import Annotated, NoReturn, ParamSpec
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from sqlalchemy import Engine
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from restore_flows import render
-from restore_flows.bootstrap import Context, load_and_sync, open_ledger
-from restore_flows.errors import InventoryError, LedgerError, RestoreError, UsageError
+from restore_flows.bootstrap import Context, open_ledger
+from restore_flows.errors import InventoryError, LedgerError, RestoreError, UnknownHost, UsageError
 from restore_flows.execution.campaign import Status
 from restore_flows.execution.eta import estate_status
+from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.loader import LoadResult, load_inventory
 from restore_flows.inventory.schema import write_schema
 from restore_flows.ledger import db as ledger_db
@@ -44,6 +51,9 @@ app = typer.Typer(
 )
 
 P = ParamSpec("P")
+EXIT_REFUSED = 1
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
 
 
 @app.callback()
@@ -60,15 +70,15 @@ def _configure(
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}")
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # On the handler too: Prefect's loggers are set to INFO of their own and pass their records up
+    # here, and every "task run finished" line would otherwise bury the terminal.
+    handler.setLevel(level)
+    logging.basicConfig(level=level, handlers=[handler])
 
 
-EXIT_REFUSED = 1
-EXIT_INVALID = 2
-
-db_app = typer.Typer(help="The ledger database: migrations.", no_args_is_help=True)
+db_app = typer.Typer(help="The ledger database: migrations and enrolment.", no_args_is_help=True)
 evidence_app = typer.Typer(help="Forensic evidence records.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(evidence_app, name="evidence")
@@ -81,6 +91,19 @@ InventoryDir = Annotated[
         show_default=True,
     ),
 ]
+InventoryOption = Annotated[
+    Path,
+    typer.Option(
+        "--inventory",
+        "-i",
+        help="Inventory directory.",
+        envvar="RESTORE_INVENTORY",
+    ),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+RehearsalFlag = Annotated[
+    bool, typer.Option("--rehearsal", help="The rehearsal ledger instead of the live one.")
+]
 
 
 def _out() -> Console:
@@ -91,59 +114,34 @@ def _err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _say(text: str, style: str = "red") -> None:
+    """A message on stderr, exactly as written (user text may hold '[...]', which is not markup)."""
+    _err().print(Text(text, style=style))
+
+
+def _fail(text: str, status: int = EXIT_INVALID) -> NoReturn:
+    _say(text)
+    raise typer.Exit(status)
+
+
 def _load_or_exit(directory: Path) -> LoadResult:
-    try:
-        result = load_inventory(directory)
-    except UsageError as exc:
-        _err().print(f"error: {exc}", style="red")
-        raise typer.Exit(EXIT_INVALID) from None
+    result = load_inventory(directory)
     render.diagnostics(_err(), result.diagnostics)
     if result.estate is None:
         errors = len(result.errors)
-        _err().print(
+        _say(
             f"{errors} error{'s' if errors != 1 else ''} in {len(result.files)} file(s): "
             "the inventory cannot be used until they are fixed",
-            style="bold red",
+            "bold red",
         )
         raise typer.Exit(EXIT_INVALID)
     return result
 
 
-@app.command()
-def validate(directory: InventoryDir = Path("inventory")) -> None:
-    """Check the inventory and list every mistake with its file and line."""
-    result = _load_or_exit(directory)
-    assert result.estate is not None
-    warnings = len(result.warnings)
-    suffix = f", {warnings} warning{'s' if warnings != 1 else ''}" if warnings else ""
-    _out().print(f"inventory OK: {render.estate_summary(result.estate)}{suffix}")
-
-
-@app.command()
-def plan(
-    directory: InventoryDir = Path("inventory"),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
-) -> None:
-    """Show the restore waves: what each contains, and which hosts were pulled forward and why."""
-    result = _load_or_exit(directory)
-    assert result.estate is not None
-    the_plan = make_plan(result.estate)
-    if as_json:
-        json.dump(the_plan.to_json(), sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        render.plan(_out(), the_plan)
-
-
-@app.command()
-def schema(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON Schema.")] = Path(
-        "schema/inventory.schema.json"
-    ),
-) -> None:
-    """Write the JSON Schema of inventory files, for editors (yaml-language-server)."""
-    write_schema(output)
-    _out().print(f"wrote {output}")
+def _estate(directory: Path) -> Estate:
+    estate = _load_or_exit(directory).estate
+    assert estate is not None
+    return estate
 
 
 def _handled(command: Callable[P, None]) -> Callable[P, None]:
@@ -155,32 +153,32 @@ def _handled(command: Callable[P, None]) -> Callable[P, None]:
             command(*args, **kwargs)
         except InventoryError as exc:
             render.diagnostics(_err(), exc.diagnostics)
-            _err().print(f"{exc}: the inventory cannot be used until they are fixed", style="bold red")
-            raise typer.Exit(EXIT_INVALID) from None
-        except (SchemaError, UsageError) as exc:
-            _err().print(f"error: {exc}", style="red")
-            raise typer.Exit(EXIT_INVALID) from None
+            _fail(f"{exc}: the inventory cannot be used until they are fixed")
+        except (SchemaError, UsageError, UnknownHost) as exc:
+            _fail(f"error: {exc}")
         except LedgerError as exc:
-            _err().print(f"refused: {exc}", style="red")
-            raise typer.Exit(EXIT_REFUSED) from None
+            _fail(f"refused: {exc}", EXIT_REFUSED)
+        except (DBAPIError, ArgumentError) as exc:
+            _fail(f"error: the ledger database cannot be used: {_database_problem(exc)}")
+        except OSError as exc:
+            _fail(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        except RestoreError as exc:
+            _fail(f"error: {exc}")
 
     return wrapper
 
 
-InventoryOption = Annotated[
-    Path,
-    typer.Option(
-        "--inventory",
-        "-i",
-        help="Inventory directory, synced into the ledger first.",
-        envvar="RESTORE_INVENTORY",
-    ),
-]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+def _database_problem(exc: DBAPIError | ArgumentError) -> str:
+    if isinstance(exc, DBAPIError):
+        first = str(exc.orig).strip().splitlines()
+        return first[0] if first else exc.orig.__class__.__name__
+    return str(exc).splitlines()[0]
 
 
-def _context() -> AbstractContextManager[Context]:
-    return open_ledger(Settings())
+@contextmanager
+def _context(rehearsal: bool = False) -> Iterator[Context]:
+    with open_ledger(Settings(), rehearsal=rehearsal) as context:
+        yield context
 
 
 @contextmanager
@@ -192,26 +190,56 @@ def _engine() -> Iterator[Engine]:
         engine.dispose()
 
 
-def _sync(context: Context, inventory: Path) -> Plan:
-    """Sync the inventory into the ledger, telling what changed (on stderr, so --json stays clean)."""
-    _, the_plan, report = load_and_sync(context, inventory)
-    err = _err()
-    if report.enrolled:
-        err.print(f"enrolled {len(report.enrolled)} new host(s) as compromised")
-    if report.retired:
-        err.print(
-            f"retired {len(report.retired)} host(s) no longer in the inventory: "
-            + ", ".join(report.retired[:10])
-            + (" ..." if len(report.retired) > 10 else "")
-        )
-    if report.returned:
-        err.print(f"{len(report.returned)} retired host(s) are back in the inventory")
-    for old, new in report.possible_renames:
-        err.print(
-            f"[yellow]possible rename: {old} is gone and {new} is new (same site, role and kind). "
-            f"They stay two hosts: {old}'s history is kept under its name, {new} starts compromised.[/]"
+def _view(context: Context, inventory: Path) -> Plan:
+    """The inventory's plan, to read the ledger with; nothing is written."""
+    the_plan = make_plan(_estate(inventory))
+    known = set(context.ledger.states())
+    missing = sum(1 for name in the_plan.estate.hosts if name not in known)
+    if missing:
+        _say(
+            f"{missing:,} host(s) of the inventory are not in the ledger yet (shown as compromised): "
+            "the next run enrolls them, or 'restore db sync'",
+            "yellow",
         )
     return the_plan
+
+
+@app.command()
+@_handled
+def validate(directory: InventoryDir = Path("inventory")) -> None:
+    """Check the inventory and list every mistake with its file and line."""
+    result = _load_or_exit(directory)
+    assert result.estate is not None
+    warnings = len(result.warnings)
+    suffix = f", {warnings} warning{'s' if warnings != 1 else ''}" if warnings else ""
+    _out().print(Text(f"inventory OK: {render.estate_summary(result.estate)}{suffix}"))
+
+
+@app.command()
+@_handled
+def plan(
+    directory: InventoryDir = Path("inventory"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Show the restore waves: what each contains, and which hosts were pulled forward and why."""
+    the_plan = make_plan(_estate(directory))
+    if as_json:
+        json.dump(the_plan.to_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        render.plan(_out(), the_plan)
+
+
+@app.command()
+@_handled
+def schema(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON Schema.")] = Path(
+        "schema/inventory.schema.json"
+    ),
+) -> None:
+    """Write the JSON Schema of inventory files, for editors (yaml-language-server)."""
+    write_schema(output)
+    _out().print(Text(f"wrote {output}"))
 
 
 @db_app.command("upgrade")
@@ -225,49 +253,101 @@ def db_upgrade(
         ledger_db.upgrade(engine, revision)
         after = ledger_db.current_revision(engine)
         where = engine.url.render_as_string(hide_password=True)
-    _out().print(f"ledger at {where}: revision {before or '(empty)'} -> {after}")
+    _out().print(Text(f"ledger at {where}: revision {before or '(empty)'} -> {after}"))
 
 
 @db_app.command("current")
 @_handled
 def db_current() -> None:
     """Show the ledger database's revision and the one this code needs."""
-    engine = ledger_db.engine_from_settings(Settings())
+    with _engine() as engine:
+        found = ledger_db.current_revision(engine)
+    _out().print(Text(f"database: {found or '(not set up)'}; code: {ledger_db.head_revision()}"))
+
+
+@db_app.command("sync")
+@_handled
+def db_sync(inventory: InventoryOption = Path("inventory"), rehearsal: RehearsalFlag = False) -> None:
+    """Enroll the inventory's new hosts (compromised) and retire those no longer in it."""
+    estate = _estate(inventory)
+    with _context(rehearsal) as context:
+        report = context.ledger.sync_inventory(estate, make_plan(estate))
+    out = _out()
+    out.print(Text(f"enrolled {len(report.enrolled)} new host(s) as compromised"))
+    if report.retired:
+        shown = ", ".join(report.retired[:10]) + (" ..." if len(report.retired) > 10 else "")
+        out.print(Text(f"retired {len(report.retired)} host(s) no longer in the inventory: {shown}"))
+    if report.returned:
+        out.print(Text(f"{len(report.returned)} retired host(s) are back in the inventory"))
+    for old, new in report.possible_renames:
+        _say(
+            f"possible rename: {old} is gone and {new} is new (same site, role and kind). They stay "
+            f"two hosts: {old}'s history is kept under its name, {new} starts compromised.",
+            "yellow",
+        )
+
+
+@db_app.command("audit")
+@_handled
+def db_audit(rehearsal: RehearsalFlag = False) -> None:
+    """Check the ledger's own records: every log replays, no double wipe, nothing left held."""
+    from restore_flows.ledger.audit import audit
+
+    with _context(rehearsal) as context:
+        found = audit(context.engine, stale_seconds=context.settings.run_stale_seconds)
     _out().print(
-        f"database: {ledger_db.current_revision(engine) or '(not set up)'}; code: {ledger_db.head_revision()}"
+        Text(
+            f"{found.hosts:,} host(s), {found.transitions:,} transition(s), {found.wipes:,} wipe(s) "
+            f"of which {found.resumed_wipes:,} resumed after a crash: "
+            + ("no problem" if found.ok else f"{len(found.problems)} problem(s)")
+        )
     )
+    for problem in found.problems:
+        _say(problem)
+    if not found.ok:
+        raise typer.Exit(EXIT_REFUSED)
 
 
 @app.command()
 @_handled
-def status(inventory: InventoryOption = Path("inventory"), as_json: JsonFlag = False) -> None:
-    """Where every host is: counts per state and percentage online, per wave, site, department, kind."""
-    with _context() as context:
-        the_plan = _sync(context, inventory)
-        report = estate_status(context.ledger, the_plan)
-        if as_json:
-            json.dump(report, sys.stdout, indent=1)
-            sys.stdout.write("\n")
-        else:
-            render.status(_out(), report)
+def status(
+    inventory: InventoryOption = Path("inventory"),
+    as_json: JsonFlag = False,
+    rehearsal: RehearsalFlag = False,
+) -> None:
+    """Where every host is: counts per state, % online and ETA, per wave, site, department, kind."""
+    with _context(rehearsal) as context:
+        report = estate_status(context.ledger, _view(context, inventory))
+    if as_json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        render.status(_out(), report)
 
 
 @app.command()
 @_handled
 def history(
     host: Annotated[str, typer.Argument(help="Host name.")],
-    inventory: InventoryOption = Path("inventory"),
     as_json: JsonFlag = False,
+    rehearsal: RehearsalFlag = False,
 ) -> None:
     """What was done to one host, by which run, with whose approval, and what evidence was kept."""
-    with _context() as context:
-        _sync(context, inventory)
+    with _context(rehearsal) as context:
         report = history_report(context.ledger.history(host))
-        if as_json:
-            json.dump(report, sys.stdout, indent=1)
-            sys.stdout.write("\n")
-        else:
-            render.history(_out(), report)
+    if as_json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        render.history(_out(), report)
+
+
+def _enrolled(context: Context, inventory: Path, host: str) -> None:
+    """An operator's command on one host: enroll it if the inventory has it; touch nothing else."""
+    estate = _estate(inventory)
+    if host not in estate.hosts:
+        raise UnknownHost(f"no host named {host!r} in the inventory")
+    context.ledger.sync_inventory(estate, make_plan(estate), only={host})
 
 
 @evidence_app.command("add")
@@ -282,10 +362,12 @@ def evidence_add(
 ) -> None:
     """Register evidence taken by hand by the forensic team; the host may then be wiped."""
     with _context() as context:
-        _sync(context, inventory)
+        _enrolled(context, inventory, host)
         record = context.ledger.add_evidence(host, sha256, location, custodian, kind)
         state = context.ledger.host(host).state
-        _out().print(f"evidence {record.kind} sha256:{record.sha256} recorded for {host} (now {state.value})")
+    _out().print(
+        Text(f"evidence {record.kind} sha256:{record.sha256} recorded for {host} (now {state.value})")
+    )
 
 
 OperatorEvent = typer.Argument(
@@ -314,9 +396,9 @@ def decide(
         )
     assert chosen is not None
     with _context() as context:
-        _sync(context, inventory)
+        _enrolled(context, inventory, host)
         state = context.ledger.operator_event(host, chosen, actor=actor, reason=reason)
-        _out().print(f"{host}: {chosen.value} by {actor} -> {state.value}")
+    _out().print(Text(f"{host}: {chosen.value} by {actor} -> {state.value}"))
 
 
 @app.command()
@@ -335,20 +417,31 @@ def rehearse(
     keep: Annotated[
         bool, typer.Option(help="Continue the last rehearsal instead of starting afresh.")
     ] = False,
+    reset: Annotated[
+        bool, typer.Option(help="Only start the rehearsal ledger afresh (for the next drill), then stop.")
+    ] = False,
 ) -> None:
     """A full restore rehearsal on the simulated fleet, through a local Prefect server (no UI needed).
 
     Every chosen wave (all by default) runs as one campaign, as 'restore-estate' does."""
     from restore_flows import rehearsal
 
-    if time_scale < 0 or not 0 <= fail_rate <= 1 or not 0 <= duration_noise <= 0.9:
-        raise UsageError("--time-scale must be >= 0, --fail-rate within 0..1, --duration-noise within 0..0.9")
-    result = load_inventory(directory)
-    render.diagnostics(_err(), result.diagnostics)
-    if result.estate is None:
-        raise InventoryError(result.diagnostics)
+    if not (0 <= time_scale <= 10) or not 0 <= fail_rate <= 1 or not 0 <= duration_noise <= 0.9:
+        raise UsageError(
+            "--time-scale must be within 0..10, --fail-rate within 0..1, --duration-noise within 0..0.9"
+        )
+    settings = Settings(inventory=directory)
+    if reset:
+        rehearsal.reset_rehearsal_ledger(settings)
+        _out().print(Text(f"the rehearsal ledger is empty: {settings.ledger_url(rehearsal=True)}"))
+        return
+    estate = _estate(directory)
+    known = [w.name for w in estate.waves]
+    for name in wave or []:
+        if name not in known:
+            raise UsageError(f"no wave named {name!r} (waves: {', '.join(known)})")
     ok = rehearsal.rehearse(
-        Settings(inventory=directory),
+        settings,
         _out(),
         waves=wave or [],
         time_scale=time_scale,
@@ -367,7 +460,9 @@ def up() -> None:
     """Start the local Prefect server and serve the restore deployments; prints the UI address."""
     from restore_flows import rehearsal
 
-    rehearsal.up(Settings(), _out())
+    settings = Settings()
+    _estate(settings.inventory)
+    rehearsal.up(settings, _out())
 
 
 @app.command("run")
@@ -389,7 +484,7 @@ def run_live(
     Shows what will be wiped and does nothing unless --approver names a person and --confirm repeats the
     wave's name. Settings (deployment server, management host, secrets) come from RESTORE_* variables.
     """
-    from restore_flows.bootstrap import live_fleet
+    from restore_flows.bootstrap import live_fleet, load_and_sync
     from restore_flows.execution.campaign import (
         CampaignSettings,
         Named,
@@ -397,9 +492,8 @@ def run_live(
         approval_summary,
         run_campaign,
     )
-    from restore_flows.scheduling.runner import Retries
 
-    _load_or_exit(directory)
+    _estate(directory)
     settings = Settings(inventory=directory)
     with open_ledger(settings) as context:
         estate, the_plan, _ = load_and_sync(context, directory)
@@ -408,7 +502,7 @@ def run_live(
             hosts = selection.resolve(the_plan)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        _out().print(approval_summary(the_plan, hosts, context.ledger, wave))
+        _out().print(Text(approval_summary(the_plan, hosts, context.ledger, wave)))
         if not approver.strip() or confirm.strip() != wave:
             raise UsageError(
                 f"nothing was done: a live run needs --approver 'FULL NAME' and --confirm {wave} "
@@ -423,18 +517,15 @@ def run_live(
                 mode="live",
                 actor=f"cli:{approver.strip()}",
                 approver=Named(approver.strip()),
-                settings=CampaignSettings(
-                    lease_seconds=settings.lease_seconds, retries=Retries(attempts=settings.stage_attempts)
-                ),
+                settings=CampaignSettings.from_settings(settings),
             )
     out = _out()
-    out.print(f"run {run_id}: {summary.count(Status.ONLINE)} of {len(summary.hosts)} host(s) online")
+    out.print(Text(f"run {run_id}: {summary.count(Status.ONLINE)} of {len(summary.hosts)} host(s) online"))
     for progress in sorted(summary.hosts.values(), key=lambda p: p.host):
         if progress.status is not Status.ONLINE:
             why = progress.error or progress.reason or ""
             out.print(
-                f"  {progress.host}: {progress.status.value} ({progress.state.value}) {why}".rstrip(),
-                markup=False,
+                Text(f"  {progress.host}: {progress.status.value} ({progress.state.value}) {why}".rstrip())
             )
     if not summary.ok:
         raise typer.Exit(EXIT_REFUSED)
@@ -456,25 +547,20 @@ def forecast(
         typer.Option(help="campaign (every wave at once) or barrier (SRM-style, one wave after another)."),
     ] = "campaign",
     wave: Annotated[list[str] | None, typer.Option("--wave", "-w", help="Only these waves (repeat).")] = None,
-    rehearsal_ledger: Annotated[
-        bool, typer.Option("--rehearsal", help="From the rehearsal ledger instead of the live one.")
-    ] = False,
+    rehearsal: RehearsalFlag = False,
 ) -> None:
     """When each wave will be back: the scheduler run on a virtual clock from the ledger's state."""
     from restore_flows.execution.eta import forecast_from_ledger
-    from restore_flows.planning import plan as make_plan
     from restore_flows.scheduling.forecast import POLICIES, WhatIf
     from restore_flows.scheduling.forecast import forecast as run_forecast
 
-    result = _load_or_exit(directory)
-    assert result.estate is not None
-    the_plan = make_plan(result.estate)
+    the_plan = make_plan(_estate(directory))
     if policy not in POLICIES:
         raise UsageError(f"unknown policy {policy!r}: choose {' or '.join(POLICIES)}")
     pools: dict[str, int] = {}
     for item in capacity or []:
         name, _, value = item.partition("=")
-        if name not in the_plan.estate.pools or not value.isdigit() or int(value) < 1:
+        if name not in the_plan.estate.pools or not value.isdigit() or not 1 <= int(value) <= 100_000:
             raise UsageError(f"--capacity {item!r}: expected POOL=N with a pool of the inventory and N >= 1")
         pools[name] = int(value)
     known = [w.name for w in the_plan.waves]
@@ -485,9 +571,8 @@ def forecast(
     if fresh:
         found = run_forecast(the_plan, what_if=what_if)
     else:
-        with open_ledger(Settings(inventory=directory), rehearsal=rehearsal_ledger) as context:
-            _sync(context, directory)
-            found = forecast_from_ledger(context.ledger, the_plan, what_if)
+        with _context(rehearsal) as context:
+            found = forecast_from_ledger(context.ledger, _view(context, directory), what_if)
     if as_json:
         json.dump(found.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -498,6 +583,9 @@ def forecast(
 def main() -> None:
     try:
         app()
+    except KeyboardInterrupt:
+        _say("interrupted: what was recorded stays recorded; run the same command again to go on")
+        sys.exit(EXIT_INTERRUPTED)
     except RestoreError as exc:  # a command without its own handling: still no traceback
-        _err().print(f"error: {exc}", style="red")
+        _say(f"error: {exc}")
         sys.exit(EXIT_INVALID)

@@ -20,15 +20,9 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from restore_flows.errors import UsageError
-from restore_flows.flows.server import (
-    PrefectServer,
-    client_settings,
-    drain_clients,
-    is_healthy,
-    start_server,
-)
+from restore_flows.flows.server import client_settings, shared_server
 from restore_flows.inventory.loader import load_estate
-from restore_flows.ledger.db import downgrade, make_engine, upgrade
+from restore_flows.ledger.db import current_revision, downgrade, head_revision, make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import Plan, plan
 from restore_flows.settings import Settings
@@ -38,31 +32,29 @@ from restore_flows.states import FAILED, HostState
 @contextmanager
 def prefect_api(settings: Settings, console: Console) -> Iterator[str]:
     """The API URL of a healthy local Prefect server: the one already running, or one started now."""
-    api_url = f"http://{settings.prefect_host}:{settings.prefect_port}/api"
-    server: PrefectServer | None = None
-    if not is_healthy(api_url):
+
+    def starting() -> None:
         console.print(
             f"starting the Prefect server on {settings.prefect_host}:{settings.prefect_port} "
             "(about 20-40 s the first time)..."
         )
-        server = start_server(
-            settings.prefect_home,
-            host=settings.prefect_host,
-            port=settings.prefect_port,
-            database_url=settings.prefect_database_url,
-        )
-        console.print(f"Prefect server ready in {server.started_in:.0f} s")
-    os.environ.update(client_settings(api_url, settings.prefect_home))
-    try:
-        yield api_url
-    finally:
-        if server is not None:
-            drain_clients()
-            server.stop()
+
+    with shared_server(
+        settings.prefect_home,
+        host=settings.prefect_host,
+        port=settings.prefect_port,
+        database_url=settings.prefect_database_url,
+        on_start=starting,
+    ) as server:
+        console.print(server.said)
+        os.environ.update(client_settings(server.api_url, settings.prefect_home))
+        yield server.api_url
 
 
 def reset_rehearsal_ledger(settings: Settings) -> None:
+    """Start the rehearsal ledger afresh, unless a rehearsal that is still alive uses it."""
     url = settings.ledger_url(rehearsal=True)
+    _refuse_if_in_use(settings, url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         for suffix in ("", "-wal", "-shm"):
@@ -74,6 +66,27 @@ def reset_rehearsal_ledger(settings: Settings) -> None:
         downgrade(engine, "base")
     finally:
         engine.dispose()
+
+
+def _refuse_if_in_use(settings: Settings, url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        return
+    engine = make_engine(url)
+    try:
+        if current_revision(engine) != head_revision():
+            return  # not a ledger this code can read: nothing of ours runs on it
+        ledger = Ledger(engine, stale_seconds=settings.run_stale_seconds)
+        alive = [run for run in ledger.runs(open_only=True) if run.alive]
+    finally:
+        engine.dispose()
+    if alive:
+        run = alive[-1]
+        raise UsageError(
+            f"a rehearsal is running on this rehearsal ledger (run {run.id}, {run.scope}, process "
+            f"{run.process}): wait for it to end, or rehearse elsewhere (RESTORE_DATA_DIR or "
+            "RESTORE_REHEARSAL_DATABASE_URL)"
+        )
 
 
 def rehearse(

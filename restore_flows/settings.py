@@ -41,6 +41,18 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a run holds a host without renewing; after that another run may take over.",
     )
+    heartbeat_seconds: float = Field(
+        default=5.0, gt=0, le=3600, description="How often a run tells the ledger it is alive."
+    )
+    run_stale_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=86_400,
+        description=(
+            "A run silent for this long is dead: the next run that wants one of its hosts takes it "
+            "over at once (a new fencing token refuses the dead run's late writes)."
+        ),
+    )
     stage_attempts: int = Field(
         default=3,
         ge=1,

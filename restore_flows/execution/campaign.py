@@ -25,6 +25,7 @@ from restore_flows.execution.eta import learned_durations
 from restore_flows.execution.stages import StageResult, StageRunner
 from restore_flows.inventory.estate import Host
 from restore_flows.ledger.pools import Request
+from restore_flows.ledger.records import RunRecord
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import Plan
 from restore_flows.scheduling.clock import Outcome, RealClock, Result
@@ -33,6 +34,7 @@ from restore_flows.scheduling.runner import Retries, run
 from restore_flows.scheduling.scheduler import CAMPAIGN, Policy, Scheduler, Start
 from restore_flows.scheduling.scheduler import Status as Sched
 from restore_flows.scheduling.work import Job, jobs_for, remaining_stages
+from restore_flows.settings import Settings
 from restore_flows.states import FINAL, STUCK, HostState
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,8 @@ class ThreadExecutor:
 @dataclass
 class CampaignSettings:
     lease_seconds: float = 300.0
+    heartbeat_seconds: float = 5.0
+    """How often the run tells the ledger it is alive (and renews its leases and pool claims)."""
     retries: Retries = field(default_factory=Retries)
     poll_seconds: float = 0.5
     """How often the ledger is looked at for what changes outside the run."""
@@ -229,6 +233,18 @@ class CampaignSettings:
     priority: PriorityPolicy = PriorityPolicy.LOOKAHEAD
     pace: float = 1.0
     """Real minutes per planned minute until stages have been observed (a rehearsal's time scale)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings, pace: float = 1.0) -> CampaignSettings:
+        """For a run: the operator's settings; ``pace``: a rehearsal's time scale (back-offs and
+        durations shrink with it, so a rehearsal keeps the shape of the real thing)."""
+        backoff = tuple(seconds / 60 * (pace if pace > 0 else 0.0) for seconds in (1.0, 5.0, 15.0))
+        return cls(
+            lease_seconds=settings.lease_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            retries=Retries(attempts=settings.stage_attempts, backoff_minutes=backoff),
+            pace=pace,
+        )
 
 
 class Campaign:
@@ -264,9 +280,12 @@ class Campaign:
     def run(self) -> RunSummary:
         started = time.monotonic()
         estate = self.plan.estate
-        # A run that starts owns no pool slot yet; any it has are left by its own earlier process (a
-        # flow run re-run after a crash), whose stages are gone: give them back.
+        # This process runs the run now (it may be a flow run re-run after its process died), and owns
+        # no pool slot yet: any the run has were left by that process, whose stages are gone.
+        self.ledger.adopt_run(self.run_id)
         self.ledger.slots.release_run(self.run_id)
+        for gone in self.ledger.reap():
+            log.warning("run %s (%s) is gone: its hosts will be taken over", gone.id, gone.scope)
         states = self.ledger.states()
         evidence = self.ledger.with_evidence()
         durations = learned_durations(self.ledger, self.plan, self.settings.pace)
@@ -306,7 +325,9 @@ class Campaign:
         world = LedgerWorld(self, scheduler, jobs, wave_index, to_approve)
         clock = RealClock()
         starter = _Starter(self, runner, jobs, clock, world)
-        heart = _Heartbeat(self.ledger, self.run_id, self.settings.lease_seconds)
+        heart = _Heartbeat(
+            self.ledger, self.run_id, self.settings.lease_seconds, self.settings.heartbeat_seconds
+        )
         heart.start()
         if to_approve:
             self.approver.ask(to_approve)
@@ -473,10 +494,11 @@ class _Progress:
 class _Heartbeat:
     """Renews the run's heartbeat, leases and pool claims while its process lives."""
 
-    def __init__(self, ledger: Ledger, run_id: str, seconds: float) -> None:
+    def __init__(self, ledger: Ledger, run_id: str, seconds: float, every: float) -> None:
         self._ledger = ledger
         self._run_id = run_id
         self._seconds = seconds
+        self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
 
@@ -489,7 +511,7 @@ class _Heartbeat:
         self._thread.join()
 
     def _beat(self) -> None:
-        while not self._stop.wait(min(10.0, self._seconds / 3)):
+        while not self._stop.wait(min(self._every, self._seconds / 3)):
             try:
                 self._ledger.heartbeat(self._run_id, self._seconds)
             except Exception:  # a database hiccup: the next beat tries again, well within the lease
@@ -527,19 +549,7 @@ class LedgerWorld:
         self._approvals(scheduler)
         outside = scheduler.waits_for_outside()
         if outside:
-            states = self._ledger.states(outside)
-            for name in outside:
-                state = states.get(name)
-                if state is FINAL:
-                    scheduler.outside_online(name)
-                elif state is not None and state in STUCK:
-                    scheduler.outside_stuck(name, f"is {state.value}")
-                else:
-                    since = self._waiting_since.setdefault(name, now)
-                    if (now - since) * 60.0 > self._settings.dependency_timeout:
-                        scheduler.outside_stuck(
-                            name, f"not online after {self._settings.dependency_timeout:.0f} s"
-                        )
+            self._outside(scheduler, sorted(outside), now)
         taken = self._ledger.slots.taken_by_others(self._campaign.run_id)
         for pool in set(taken) | {p for p, (_, others) in _uses(scheduler).items() if others}:
             scheduler.set_foreign(pool, taken.get(pool, 0))
@@ -559,6 +569,44 @@ class LedgerWorld:
             self._waiting.update({s.host: s.stage.value for s in queued})
         self._reasons(scheduler, now)
         self._campaign.on_poll(self._campaign)
+
+    def _outside(self, scheduler: Scheduler, outside: list[str], now: float) -> None:
+        """Hosts of no stage of this run that some of its hosts wait for: online, stuck, or who works
+        on them (a run alive, a run that is gone, nobody), said at once rather than after a timeout."""
+        states = self._ledger.states(outside)
+        leases = self._ledger.leases()
+        runs: dict[str, RunRecord] = {}
+        for name in outside:
+            state = states.get(name)
+            if state is FINAL:
+                scheduler.outside_online(name)
+                continue
+            if state is not None and state in STUCK:
+                scheduler.outside_stuck(name, f"is {state.value}")
+                continue
+            lease = leases.get(name)
+            holder = None
+            if lease is not None:
+                if lease[0] not in runs:
+                    runs[lease[0]] = self._ledger.run(lease[0])
+                holder = runs[lease[0]]
+            wave = self._campaign.plan.hosts[name].wave if name in self._campaign.plan.hosts else "?"
+            shown = state.value if state is not None else "not in the ledger"
+            if holder is not None and holder.alive and holder.id != self._campaign.run_id:
+                note = f"run {holder.id} is restoring it ({shown})"
+            elif holder is not None and holder.id != self._campaign.run_id:
+                note = (
+                    f"it is {shown} under run {holder.id}, which is gone: a run of wave {wave} "
+                    "takes it over at once"
+                )
+            else:
+                note = f"it is {shown} and no run is working on it: start a run of wave {wave}"
+            if scheduler.notes.get(name) != note:
+                scheduler.notes[name] = note
+                log.warning("waiting for %s: %s", name, note)
+            since = self._waiting_since.setdefault(name, now)
+            if (now - since) * 60.0 > self._settings.dependency_timeout:
+                scheduler.outside_stuck(name, f"not online after {self._settings.dependency_timeout:.0f} s")
 
     def _approvals(self, scheduler: Scheduler) -> None:
         approved, refused = self._campaign.approver.poll()

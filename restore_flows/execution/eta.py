@@ -12,12 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from restore_flows.inventory.models import Stage
+from restore_flows.ledger.records import HostRecord
 from restore_flows.ledger.repository import Ledger, utcnow
 from restore_flows.ledger.status import status_report
 from restore_flows.planning import Plan
 from restore_flows.scheduling.durations import Durations, Observation
 from restore_flows.scheduling.forecast import Forecast, WhatIf, forecast
-from restore_flows.states import RUNNING_STAGE
+from restore_flows.states import RUNNING_STAGE, HostState
 
 
 def learned_durations(ledger: Ledger, the_plan: Plan, default_pace: float = 1.0) -> Durations:
@@ -71,11 +72,38 @@ def format_minutes(minutes: float | None) -> str:
 
 
 def estate_status(ledger: Ledger, the_plan: Plan) -> dict[str, Any]:
-    """``restore status --json``: the ledger's hosts per wave, site, department and kind, with each
-    wave's ETA from the forecast."""
-    records = ledger.hosts()
+    """``restore status --json``: the inventory's hosts as the ledger knows them, per wave, site,
+    department and kind, with each wave's ETA from the forecast. Reads only: a host no run has
+    enrolled yet counts as compromised (``not_enrolled``); ledger hosts of another inventory are
+    counted, not shown (``not_in_inventory``)."""
+    hosts = the_plan.estate.hosts
+    known = {record.name: record for record in ledger.hosts()}
+    records = [known[name] for name in hosts if name in known]
+    missing = [name for name in hosts if name not in known]
+    records += [_unenrolled(the_plan, name) for name in missing]
     found = forecast_from_ledger(ledger, the_plan)
     etas = {name: wave.finish_minutes for name, wave in found.waves.items()}
     report = status_report(records, [w.name for w in the_plan.waves], etas)
     report["estate"]["eta_minutes"] = found.makespan_minutes
+    report["not_enrolled"] = len(missing)
+    report["not_in_inventory"] = sum(1 for name in known if name not in hosts)
     return report
+
+
+def _unenrolled(the_plan: Plan, name: str) -> HostRecord:
+    host = the_plan.estate.hosts[name]
+    return HostRecord(
+        name=name,
+        site=host.site,
+        kind=host.kind.value,
+        role=host.role,
+        department=host.department,
+        wave=the_plan.hosts[name].wave,
+        restore_method=host.restore_method.value,
+        forensic_hold=host.forensic_hold,
+        state=HostState.COMPROMISED,
+        clean=False,
+        retired=False,
+        lease_run=None,
+        lease_expires=None,
+    )

@@ -23,7 +23,6 @@ from restore_flows.inventory.models import Stage
 from restore_flows.ledger.records import Lease
 from restore_flows.ledger.repository import Ledger
 from restore_flows.states import (
-    DESTRUCTIVE_STAGES,
     FAILED,
     FINAL,
     RULE,
@@ -99,8 +98,8 @@ class StageRunner:
 
     def _run(self, host: Host, stage: Stage, held: list[int]) -> StageResult:
         lease = self._lease(host)
-        if lease is None:
-            return StageResult(host.name, None, held_by=self._holder(host.name))
+        if isinstance(lease, str):
+            return StageResult(host.name, None, held_by=f"waiting: {lease}")
         state = lease.state
         if lease.interrupted_stage is not None:
             interrupted = Stage(lease.interrupted_stage)
@@ -172,13 +171,21 @@ class StageRunner:
         return self._apply(lease, host, rule.done, stage, detail, release=held)
 
     def _resolve_interrupted(self, host: Host, lease: Lease, stage: Stage) -> HostState:
+        """A stage left running by a run that is gone: done if the host's facts say so, else resumed.
+
+        Evidence that was recorded is never captured again; a verification's verdict is lost with its
+        run, so it is done again; a wipe or an install the fleet cannot vouch for is started again (a
+        half-wiped disk is wiped again, under this run's approval). A host that was verified clean is
+        never here for a wipe: the ledger refuses to wipe it.
+        """
         attempt = self.ledger.open_attempt(host.name)
-        finished = (
-            attempt is not None
-            and stage is not Stage.VERIFY  # a verification's verdict is lost with its run: redo it
-            and not (stage is Stage.EVIDENCE and not self.ledger.has_evidence(host.name))
-            and self.fleet.stage_finished(host, stage, attempt.started_at)
-        )
+        lost_run = attempt.run_id if attempt is not None else None
+        if stage is Stage.EVIDENCE:
+            finished = self.ledger.has_evidence(host.name)
+        elif stage is Stage.VERIFY or attempt is None:
+            finished = False
+        else:
+            finished = self.fleet.stage_finished(host, stage, attempt.started_at)
         rule = RULE[stage]
         if finished:
             return self._apply(
@@ -186,33 +193,29 @@ class StageRunner:
                 host,
                 rule.done,
                 stage,
-                "the run that started this stage was lost; the host's facts show it finished",
+                f"the run that started this stage ({lost_run}) was lost; the host's facts show it finished",
             )
-        state = self._apply(
+        self._apply(
             lease,
             host,
             Event.INTERRUPTED,
             stage,
-            error="the run that started this stage was lost and the host's facts do not show it finished",
+            error=f"run {lost_run} was lost mid-stage and the host's facts do not show the stage finished",
         )
-        if stage in DESTRUCTIVE_STAGES:
-            # Repeating a disk-changing stage is an operator's call ('restore decide retry').
-            return state
-        return self._apply(
-            lease, host, Event.RETRY, None, "non-destructive stage restarted after interruption"
-        )
+        return self._apply(lease, host, Event.RETRY, None, f"resumed after the crash of run {lost_run}")
 
     # -- leases ----------------------------------------------------------------------------------------
 
-    def _lease(self, host: Host) -> Lease | None:
+    def _lease(self, host: Host) -> Lease | str:
+        """This run's lease on the host, or why another (live) run has it."""
         with self._lock:
             lease = self._leases.get(host.name)
         if lease is not None:
             return lease
         try:
             lease = self.ledger.acquire(host.name, self.run_id, self.lease_seconds)
-        except LeaseHeld:
-            return None
+        except LeaseHeld as exc:
+            return str(exc)
         with self._lock:
             self._leases[host.name] = lease
         return lease
@@ -236,11 +239,6 @@ class StageRunner:
                 self.ledger.release(lease)
             except LedgerError:
                 log.warning("%s: could not give the lease back", host, exc_info=True)
-
-    def _holder(self, host: str) -> str:
-        record = self.ledger.host(host)
-        until = record.lease_expires.isoformat(timespec="seconds") if record.lease_expires else "?"
-        return f"held by run {record.lease_run} until {until}"
 
     def _state(self, host: str) -> HostState | None:
         try:

@@ -23,17 +23,25 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from enum import StrEnum
 from typing import Any, Literal, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import State
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import State, StateType
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture, wait
 from prefect.input import RunInput
-from prefect.states import Completed, Failed, Running
+from prefect.states import Completed, Crashed, Failed, Running
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field, create_model
@@ -53,8 +61,8 @@ from restore_flows.execution.campaign import (
 from restore_flows.execution.eta import estate_status, format_minutes
 from restore_flows.flows.progress import RunProgress, summary_markdown
 from restore_flows.inventory.models import Stage
+from restore_flows.ledger.records import RunRecord
 from restore_flows.scheduling.clock import Outcome, Result
-from restore_flows.scheduling.runner import Retries
 from restore_flows.scheduling.scheduler import Start
 from restore_flows.settings import Settings
 
@@ -323,6 +331,7 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
         except ValueError as exc:
             return Failed(message=str(exc))
         ledger = context.ledger
+        _close_dead_flow_runs(ledger.reap())
         flow_run_id = str(runtime.flow_run.id)
         run_id = ledger.run_for(flow_run_id)
         if run_id is None:
@@ -359,12 +368,38 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
         return _state(scope, summary)
 
 
+def _close_dead_flow_runs(gone: Sequence[RunRecord]) -> None:
+    """A ledger run whose process died left its flow run (and its task runs) 'Running' in Prefect for
+    ever: say what became of it. Their hosts are taken over by whichever run wants them next."""
+    here = str(runtime.flow_run.id)
+    with get_client(sync_client=True) as client:
+        for run in gone:
+            if not run.external_id or run.external_id == here:
+                continue
+            try:
+                flow_run = client.read_flow_run(UUID(run.external_id))
+            except Exception:  # not a flow run of this server (another server, deleted): nothing to say
+                continue
+            if flow_run.state is None or flow_run.state.is_final():
+                continue
+            message = f"its process is gone (ledger run {run.id} {run.outcome or 'lost'}); hosts taken over"
+            client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+            running = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(
+                        type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                    )
+                ),
+            )
+            for task_run in running:
+                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+            get_run_logger().warning("flow run %s: %s", flow_run.name, message)
+
+
 def _campaign_settings(settings: Settings, params: _Common) -> CampaignSettings:
-    return CampaignSettings(
-        lease_seconds=settings.lease_seconds,
-        retries=Retries(attempts=settings.stage_attempts),
-        pace=params.time_scale if params.mode is Mode.REHEARSAL else 1.0,
-    )
+    rehearsal = params.mode is Mode.REHEARSAL
+    return CampaignSettings.from_settings(settings, pace=params.time_scale if rehearsal else 1.0)
 
 
 def _outcome(summary: RunSummary) -> str:

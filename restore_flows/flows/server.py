@@ -7,15 +7,20 @@ task-run batching raised so that thousands of task runs are recorded in seconds,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -174,3 +179,130 @@ def running_server(home: Path, **kwargs: object) -> Iterator[PrefectServer]:
     finally:
         drain_clients()
         server.stop()
+
+
+@dataclass(frozen=True)
+class SharedServer:
+    """A local server as this process uses it: its API URL and what was found or done to have it."""
+
+    api_url: str
+    said: str
+    """What happened, for the terminal: started, or found (and by whom it was started)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def shared_server(
+    home: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    database_url: str | None = None,
+    on_start: Callable[[], None] = lambda: None,
+) -> Iterator[SharedServer]:
+    """Use the local Prefect server of ``home``, starting it if none runs; the last user stops it.
+
+    Crash-only: a killed CLI leaves its server running (it is in a session of its own, so a Ctrl-C
+    of the CLI does not cut a run's last API calls); the next process finds it, says so, and adopts
+    it. Processes that use it at the same time each register (``users/<pid>``); the one that leaves
+    last stops it, so a rehearsal finishing never stops the server under another. A server the
+    project did not start is used and left alone.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    api_url = f"http://{host}:{port}/api"
+    users = home / "users"
+    users.mkdir(exist_ok=True)
+    record = home / "server.json"
+    mine = users / str(os.getpid())
+    with _locked(home):
+        said = ""
+        if is_healthy(api_url):
+            found = _read(record)
+            if found is None:
+                said = f"using the Prefect server already running at {api_url} (not started by this project)"
+            elif _alive(int(found.get("started_by", 0))):
+                said = f"using the Prefect server on {host}:{port} that pid {found['started_by']} started"
+            else:
+                said = (
+                    f"found the Prefect server on {host}:{port} left running by pid {found['started_by']}, "
+                    "which is gone: using it (it is stopped by the last run that uses it)"
+                )
+        else:
+            _refuse_busy_port(host, port)
+            on_start()
+            started = start_server(home, host=host, port=port, database_url=database_url)
+            record.write_text(
+                json.dumps(
+                    {"pid": started.process.pid, "port": port, "host": host, "started_by": os.getpid()}
+                )
+            )
+            said = f"Prefect server ready on {host}:{port} in {started.started_in:.0f} s"
+        mine.write_text(str(os.getpid()))
+    try:
+        yield SharedServer(api_url, said)
+    finally:
+        drain_clients()
+        with _locked(home):
+            mine.unlink(missing_ok=True)
+            others = [p for p in users.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+            found = _read(record)
+            if not others and found is not None:
+                _stop_pid(int(found.get("pid", 0)))
+                record.unlink(missing_ok=True)
+            for stale in users.iterdir():
+                if stale.name.isdigit() and not _alive(int(stale.name)):
+                    stale.unlink(missing_ok=True)
+
+
+def _read(record: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _refuse_busy_port(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex((host, port)) == 0:
+            raise PrefectServerError(
+                f"{host}:{port} is taken by something that is not a healthy Prefect server: stop it, "
+                "or choose another port with RESTORE_PREFECT_PORT"
+            )
+
+
+def _stop_pid(pid: int, timeout: float = 20.0) -> None:
+    """Stop a server started by another process of ours (its process group: the server's workers too)."""
+    if pid <= 0 or not _alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    """One process at a time decides whether to start or stop the server of this home."""
+    with open(home / "server.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -9,19 +9,28 @@ SQLITE_BUSY at once, whatever the busy timeout.
 
 from __future__ import annotations
 
+import functools
+import logging
+import random
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from restore_flows.errors import LedgerError
 from restore_flows.settings import Settings
+
+log = logging.getLogger(__name__)
 
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 
@@ -123,17 +132,21 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    config = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+    _migrate(engine, command.upgrade, revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    _migrate(engine, command.downgrade, revision)
+
+
+def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
     config = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, revision)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            step(config, revision)
+    except CommandError as exc:  # an unknown revision, most often: say it in the project's words
+        raise SchemaError(f"cannot migrate to {revision!r}: {exc}") from exc
 
 
 def require_current_schema(engine: Engine) -> None:
@@ -148,3 +161,62 @@ def require_current_schema(engine: Engine) -> None:
             f"the ledger database at {where} is at revision {current}, this code needs {head}: "
             "run 'restore db upgrade' (or use the matching version of restore-orchestrator)"
         )
+
+
+# PostgreSQL SQLSTATEs worth another try: the transaction was rolled back for the database's own
+# reasons (deadlock, serialization), or the connection went (admin shutdown, crash, network).
+_TRANSIENT_SQLSTATES = frozenset(
+    {"40001", "40P01", "57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006"}
+)
+_RETRY_FOR_SECONDS = 60.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error may well not happen again: worth retrying the whole transaction."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = getattr(exc.orig, "sqlstate", None)
+    if state in _TRANSIENT_SQLSTATES:
+        return True
+    if (
+        type(exc.orig).__module__.startswith("psycopg")
+        and isinstance(exc, OperationalError)
+        and state is None
+    ):
+        # libpq lost the connection ("server closed the connection unexpectedly"): no SQLSTATE at all.
+        return True
+    text = str(exc.orig).lower()
+    # SQLite: another process held the lock past the busy timeout.
+    return "database is locked" in text or "database is busy" in text
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def retried(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a ledger method again, whole, when its transaction failed for a transient reason.
+
+    Every method of the repository is one transaction, so running it again is running the
+    transaction again; a deadlock, a serialization failure or a dropped connection is never a
+    host's failure. Gives up (and raises) after a minute.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        deadline = time.monotonic() + _RETRY_FOR_SECONDS
+        delay = 0.02
+        jitter = random.Random()
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except DBAPIError as exc:
+                if not is_transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("ledger: %s, retrying %s", exc.orig.__class__.__name__, method.__name__)
+                time.sleep(delay * (0.5 + jitter.random()))
+                delay = min(delay * 2, 2.0)
+
+    return wrapper

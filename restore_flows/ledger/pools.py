@@ -27,7 +27,8 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, func, insert, select, update
 
-from restore_flows.ledger.db import READ_ONLY
+from restore_flows.ledger.db import READ_ONLY, retried
+from restore_flows.ledger.liveness import dead_runs
 from restore_flows.ledger.tables import PoolClaimRow, PoolRow
 
 POOLS = cast(Table, PoolRow.__table__)
@@ -55,10 +56,12 @@ class Grants:
 
 
 class Slots:
-    def __init__(self, engine: Engine, clock: Callable[[], dt.datetime]) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], dt.datetime], stale_seconds: float = 30.0) -> None:
         self._engine = engine
         self._clock = clock
+        self._stale = stale_seconds
 
+    @retried
     def sync(self, capacities: Mapping[str, int]) -> None:
         with self._engine.begin() as db:
             existing = {r.name: r.capacity for r in db.execute(select(POOLS.c.name, POOLS.c.capacity))}
@@ -69,6 +72,7 @@ class Slots:
                 if name in existing and existing[name] != capacity:
                     db.execute(update(POOLS).where(POOLS.c.name == name).values(capacity=capacity))
 
+    @retried
     def grant(self, run_id: str, requests: Sequence[Request], seconds: float) -> Grants:
         """Grant what fits, best first across every run; file the rest as waiting claims of ``run_id``."""
         pools = sorted({pool for request in requests for pool in request.pools})
@@ -82,6 +86,17 @@ class Slots:
                 update(CLAIMS)
                 .where(CLAIMS.c.pool.in_(pools), CLAIMS.c.released_at.is_(None), CLAIMS.c.expires_at <= now)
                 .values(released_at=CLAIMS.c.expires_at)
+            )
+            # A dead run's claims are given back at once, not when they would have expired.
+            db.execute(
+                update(CLAIMS)
+                .where(
+                    CLAIMS.c.pool.in_(pools),
+                    CLAIMS.c.released_at.is_(None),
+                    CLAIMS.c.run_id != run_id,
+                    CLAIMS.c.run_id.in_(dead_runs(now, self._stale)),
+                )
+                .values(released_at=now)
             )
             open_claims = db.execute(
                 select(
@@ -166,6 +181,7 @@ class Slots:
         ).scalars()
         return tuple(int(i) for i in ids)
 
+    @retried
     def wait(self, run_id: str, requests: Sequence[Request], seconds: float) -> None:
         """File waiting claims for stages that cannot start yet, unless already filed."""
         if not requests:
@@ -191,6 +207,7 @@ class Slots:
             if rows:
                 db.execute(insert(CLAIMS), rows)
 
+    @retried
     def withdraw(self, run_id: str, host: str, stage: str) -> None:
         """Take back a waiting claim the run no longer wants (the host was given up)."""
         with self._engine.begin() as db:
@@ -206,6 +223,7 @@ class Slots:
                 .values(released_at=self._clock())
             )
 
+    @retried
     def release(self, claims: Iterable[int]) -> None:
         ids = list(claims)
         if not ids:
@@ -224,6 +242,7 @@ class Slots:
                 .values(released_at=now)
             )
 
+    @retried
     def release_run(self, run_id: str) -> None:
         """Give back every claim of a run (it is over)."""
         with self._engine.begin() as db:
@@ -233,6 +252,7 @@ class Slots:
                 .values(released_at=self._clock())
             )
 
+    @retried
     def renew(self, run_id: str, seconds: float) -> None:
         """Keep every open claim of a run (granted or waiting) from expiring."""
         with self._engine.begin() as db:
@@ -242,6 +262,7 @@ class Slots:
                 .values(expires_at=self._clock() + dt.timedelta(seconds=seconds))
             )
 
+    @retried
     def taken_by_others(self, run_id: str) -> dict[str, int]:
         """Per pool: slots granted to other runs and not expired."""
         now = self._clock()
@@ -253,11 +274,13 @@ class Slots:
                     CLAIMS.c.granted_at.is_not(None),
                     CLAIMS.c.released_at.is_(None),
                     CLAIMS.c.expires_at > now,
+                    CLAIMS.c.run_id.not_in(dead_runs(now, self._stale)),
                 )
                 .group_by(CLAIMS.c.pool)
             ).all()
         return {str(row[0]): int(row[1]) for row in rows}
 
+    @retried
     def usage(self) -> dict[str, tuple[int, int, int]]:
         """Pool -> (capacity, granted, waiting), ignoring expired claims."""
         now = self._clock()

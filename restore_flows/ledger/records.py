@@ -44,6 +44,22 @@ class HostRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class RunRecord:
+    id: str
+    mode: str
+    scope: str
+    actor: str
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    outcome: str | None
+    external_id: str | None
+    heartbeat_at: dt.datetime | None
+    process: str | None
+    alive: bool
+    """Not ended, and heard from within the ledger's staleness limit."""
+
+
+@dataclass(frozen=True, slots=True)
 class TransitionRecord:
     id: int
     host: str

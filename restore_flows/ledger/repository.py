@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -46,7 +46,8 @@ from sqlalchemy.sql.dml import Update
 
 from restore_flows.errors import LeaseHeld, LeaseLost, SafetyViolation, UnknownHost
 from restore_flows.inventory.estate import Estate
-from restore_flows.ledger.db import READ_ONLY
+from restore_flows.ledger.db import READ_ONLY, retried
+from restore_flows.ledger.liveness import dead_here, dead_runs, this_process
 from restore_flows.ledger.pools import Slots
 from restore_flows.ledger.records import (
     ApprovalRecord,
@@ -55,6 +56,7 @@ from restore_flows.ledger.records import (
     History,
     HostRecord,
     Lease,
+    RunRecord,
     SyncReport,
     TransitionRecord,
 )
@@ -108,11 +110,13 @@ class _Change:
 class Ledger:
     """The repository over the ledger database. Safe to share between threads; one per process."""
 
-    def __init__(self, engine: Engine, clock: Clock = utcnow) -> None:
+    def __init__(self, engine: Engine, clock: Clock = utcnow, stale_seconds: float = 30.0) -> None:
         self._engine = engine
         self._reader = engine.execution_options(**READ_ONLY)
         self._clock = clock
-        self.slots = Slots(engine, clock)
+        self.stale_seconds = stale_seconds
+        """A run not heard from for this long is dead: its hosts and pool slots are taken over."""
+        self.slots = Slots(engine, clock, stale_seconds)
         # The state of each host this process holds a lease on, keyed by the lease's fencing token.
         # Only the holder of a token can change the host, so while the token is valid this is the
         # database's state; a write under a stale token fails its guard and takes the slow path.
@@ -124,11 +128,16 @@ class Ledger:
 
     # -- inventory ---------------------------------------------------------------------------------
 
-    def sync_inventory(self, estate: Estate, the_plan: Plan) -> SyncReport:
+    @retried
+    def sync_inventory(
+        self, estate: Estate, the_plan: Plan, only: Collection[str] | None = None
+    ) -> SyncReport:
         """Enroll new hosts (compromised), retire removed ones, refresh descriptive fields.
 
         Hosts are never deleted, and a rename is never guessed: a host that disappeared and a new
         one with the same site and role are reported as a possible rename, and stay two hosts.
+        ``only``: enroll or refresh just these hosts and retire nothing (an operator's command on one
+        host must not rewrite the ledger from whatever inventory it was given).
         """
         now = self._clock()
         with self._engine.begin() as db:
@@ -159,6 +168,7 @@ class Ledger:
                     "forensic_hold": host.forensic_hold,
                 }
                 for name, host in estate.hosts.items()
+                if only is None or name in only
             }
             new = [name for name in wanted if name not in existing]
             if new:
@@ -193,7 +203,11 @@ class Ledger:
                         for name in new
                     ],
                 )
-            gone = [n for n, row in existing.items() if n not in wanted and row.retired_at is None]
+            gone = (
+                []
+                if only is not None
+                else [n for n, row in existing.items() if n not in wanted and row.retired_at is None]
+            )
             if gone:
                 db.execute(update(HOSTS).where(HOSTS.c.name.in_(gone)).values(retired_at=now))
             back = [n for n in wanted if n in existing and existing[n].retired_at is not None]
@@ -217,8 +231,10 @@ class Ledger:
 
     # -- runs, approvals, evidence -----------------------------------------------------------------
 
+    @retried
     def start_run(self, mode: str, scope: str, actor: str, external_id: str | None = None) -> str:
         run_id = uuid.uuid4().hex
+        now = self._clock()
         with self._engine.begin() as db:
             db.execute(
                 insert(RUNS).values(
@@ -226,12 +242,81 @@ class Ledger:
                     mode=mode,
                     scope=scope,
                     actor=actor,
-                    started_at=self._clock(),
+                    started_at=now,
                     external_id=external_id,
+                    heartbeat_at=now,
+                    process=this_process(),
                 )
             )
         return run_id
 
+    @retried
+    def adopt_run(self, run_id: str) -> None:
+        """This process now runs ``run_id`` (a flow run re-run after its process died): heartbeat and
+        process are this one's, and the run is open again if a survivor had marked it dead."""
+        with self._engine.begin() as db:
+            db.execute(
+                update(RUNS)
+                .where(RUNS.c.id == run_id)
+                .values(heartbeat_at=self._clock(), process=this_process(), ended_at=None, outcome=None)
+            )
+
+    @retried
+    def run(self, run_id: str) -> RunRecord:
+        with self._reader.connect() as db:
+            row = db.execute(select(RUNS).where(RUNS.c.id == run_id)).first()
+        if row is None:
+            raise UnknownHost(f"no run {run_id!r} in the ledger")
+        return self._run_record(row, self._clock())
+
+    @retried
+    def runs(self, *, open_only: bool = False) -> list[RunRecord]:
+        query = select(RUNS).order_by(RUNS.c.started_at)
+        if open_only:
+            query = query.where(RUNS.c.ended_at.is_(None))
+        now = self._clock()
+        with self._reader.connect() as db:
+            return [self._run_record(row, now) for row in db.execute(query)]
+
+    def _run_record(self, row: Any, now: dt.datetime) -> RunRecord:
+        heard = row.heartbeat_at or row.started_at
+        alive = row.ended_at is None and heard > now - dt.timedelta(seconds=self.stale_seconds)
+        return RunRecord(
+            row.id,
+            row.mode,
+            row.scope,
+            row.actor,
+            row.started_at,
+            row.ended_at,
+            row.outcome,
+            row.external_id,
+            row.heartbeat_at,
+            row.process,
+            alive and not dead_here(row.process),
+        )
+
+    @retried
+    def reap(self) -> list[RunRecord]:
+        """Mark the runs that are gone as ended: 'crashed' (their process, on this machine, is no more)
+        or 'lost' (not heard from within the staleness limit). Their hosts and slots are then free to be
+        taken over; their late writes are refused by the fencing tokens. Returns the runs reaped."""
+        now = self._clock()
+        gone: list[RunRecord] = []
+        with self._engine.begin() as db:
+            for row in db.execute(select(RUNS).where(RUNS.c.ended_at.is_(None))).all():
+                record = self._run_record(row, now)
+                if record.alive:
+                    continue
+                outcome = "crashed" if dead_here(row.process) else "lost"
+                db.execute(
+                    update(RUNS)
+                    .where(RUNS.c.id == row.id, RUNS.c.ended_at.is_(None))
+                    .values(ended_at=now, outcome=outcome)
+                )
+                gone.append(record)
+        return gone
+
+    @retried
     def run_for(self, external_id: str) -> str | None:
         """The ledger run of an orchestrator run (a Prefect flow run), if one was started: a flow run
         that is re-run after a crash continues its ledger run, with its approval and its leases."""
@@ -241,10 +326,12 @@ class Ledger:
             ).first()
         return None if found is None else str(found.id)
 
+    @retried
     def approved_hosts(self, run_id: str) -> set[str]:
         with self._reader.connect() as db:
             return {r.host for r in db.execute(select(APPROVED.c.host).where(APPROVED.c.run_id == run_id))}
 
+    @retried
     def finish_run(self, run_id: str, outcome: str) -> None:
         """The run is over: its outcome recorded, its leases and pool claims given back."""
         now = self._clock()
@@ -259,6 +346,7 @@ class Ledger:
         for key in [k for k in self._held if k[1] == run_id]:
             self._held.pop(key, None)
 
+    @retried
     def heartbeat(self, run_id: str, seconds: float) -> None:
         """The run is alive: renew its heartbeat, every lease it holds and every pool claim it filed."""
         now = self._clock()
@@ -272,6 +360,7 @@ class Ledger:
             )
         self.slots.renew(run_id, seconds)
 
+    @retried
     def record_approval(
         self,
         run_id: str,
@@ -305,6 +394,7 @@ class Ledger:
                 )
         return int(approval_id)
 
+    @retried
     def add_evidence(
         self,
         host: str,
@@ -354,38 +444,35 @@ class Ledger:
 
     # -- leases ------------------------------------------------------------------------------------
 
+    @retried
     def acquire(self, host: str, run_id: str, seconds: float) -> Lease:
         """Take the host's lease for ``run_id``; raises ``LeaseHeld`` if another live run has it.
 
-        An expired lease is taken over. If its run left a stage running, the lease says so.
+        An expired lease, or one held by a dead run, is taken over at once. If its run left a stage
+        running, the lease says so.
         """
         now = self._clock()
         expires = now + dt.timedelta(seconds=seconds)
         with self._engine.begin() as db:
-            result = db.execute(
-                update(HOSTS)
-                .where(
-                    HOSTS.c.name == host,
-                    HOSTS.c.retired_at.is_(None),
-                    or_(
-                        HOSTS.c.lease_run.is_(None),
-                        HOSTS.c.lease_expires <= now,
-                        HOSTS.c.lease_run == run_id,
-                    ),
-                )
-                .values(
-                    fence=HOSTS.c.fence + 1,
-                    lease_token=HOSTS.c.fence + 1,
-                    lease_run=run_id,
-                    lease_expires=expires,
-                )
-                .returning(HOSTS.c.lease_token, HOSTS.c.state)
-            ).first()
+            result = db.execute(_take_lease(host, run_id, now, expires, self.stale_seconds)).first()
             if result is None:
                 row = self._host_row(db, host)
                 if row.retired_at is not None:
                     raise UnknownHost(f"host {host} is retired (no longer in the inventory)")
-                raise LeaseHeld(f"host {host} is held by run {row.lease_run} until {_iso(row.lease_expires)}")
+                holder = db.execute(select(RUNS).where(RUNS.c.id == row.lease_run)).first()
+                if holder is not None and dead_here(holder.process):
+                    # Its process on this machine is gone: no need to wait for its heartbeat to go stale.
+                    db.execute(
+                        update(RUNS)
+                        .where(RUNS.c.id == holder.id, RUNS.c.ended_at.is_(None))
+                        .values(ended_at=now, outcome="crashed")
+                    )
+                    result = db.execute(_take_lease(host, run_id, now, expires, self.stale_seconds)).first()
+            if result is None:
+                alive = "" if holder is None else f", alive (heard from at {_iso(holder.heartbeat_at)})"
+                raise LeaseHeld(
+                    f"host {host} is held by run {row.lease_run}{alive} until {_iso(row.lease_expires)}"
+                )
             state = HostState(result.state)
         # A run works a host from one acquire to its release, so a stage found running at acquire
         # time was left by a lost worker: another run, or this same run before a crash and resume.
@@ -393,6 +480,7 @@ class Ledger:
         self._held[(host, run_id, int(result.lease_token))] = state
         return Lease(host, run_id, int(result.lease_token), expires, state, interrupted)
 
+    @retried
     def renew(self, lease: Lease, seconds: float) -> Lease:
         now = self._clock()
         expires = now + dt.timedelta(seconds=seconds)
@@ -402,6 +490,7 @@ class Ledger:
                 raise self._lost(db, lease)
         return Lease(lease.host, lease.run_id, lease.token, expires, lease.state, lease.interrupted_stage)
 
+    @retried
     def release(self, lease: Lease) -> None:
         """Give the lease back. Harmless if it was already lost."""
         self._held.pop((lease.host, lease.run_id, lease.token), None)
@@ -418,6 +507,7 @@ class Ledger:
 
     # -- state changes -----------------------------------------------------------------------------
 
+    @retried
     def apply(
         self,
         lease: Lease,
@@ -466,6 +556,13 @@ class Ledger:
                 and row.lease_expires > now
             ):
                 raise self._lost(db, lease)
+            if TRANSITIONS_TABLE.get((HostState(row.state), event)) is None and self._applied_already(
+                db, lease, event, HostState(row.state)
+            ):
+                # The commit of this very change was lost on the way back (a dropped connection):
+                # the ledger has it, and running it again would be an illegal event.
+                self._held[key] = HostState(row.state)
+                return HostState(row.state)
             change = self._change(
                 db,
                 lease.host,
@@ -483,6 +580,7 @@ class Ledger:
         self._held[key] = change.to_state
         return change.to_state
 
+    @retried
     def operator_event(self, host: str, event: Event, *, actor: str, reason: str | None) -> HostState:
         """An operator's decision (retry, skip, hold, release_hold, recompromise) on a host no run holds."""
         if not actor.strip():
@@ -619,10 +717,12 @@ class Ledger:
 
     # -- reading -----------------------------------------------------------------------------------
 
+    @retried
     def host(self, name: str) -> HostRecord:
         with self._reader.connect() as db:
             return _host_record(self._host_row(db, name))
 
+    @retried
     def hosts(self, include_retired: bool = False) -> list[HostRecord]:
         query = select(HOSTS).order_by(HOSTS.c.name)
         if not include_retired:
@@ -630,6 +730,7 @@ class Ledger:
         with self._reader.connect() as db:
             return [_host_record(row) for row in db.execute(query)]
 
+    @retried
     def states(self, names: Iterable[str] | None = None) -> dict[str, HostState]:
         query = select(HOSTS.c.name, HOSTS.c.state)
         if names is not None:
@@ -637,6 +738,7 @@ class Ledger:
         with self._reader.connect() as db:
             return {row.name: HostState(row.state) for row in db.execute(query)}
 
+    @retried
     def history(self, name: str) -> History:
         with self._reader.connect() as db:
             host = _host_record(self._host_row(db, name))
@@ -677,6 +779,7 @@ class Ledger:
             )
         return History(host, transitions, attempts, evidence, approvals)
 
+    @retried
     def interrupted(self) -> list[tuple[str, str]]:
         """(host, stage) of hosts left mid-stage with no live lease: resume must resolve them."""
         now = self._clock()
@@ -692,6 +795,7 @@ class Ledger:
         with self._reader.connect() as db:
             return [(row.name, row.stage) for row in db.execute(query)]
 
+    @retried
     def finished_attempts(self) -> list[tuple[str, str, float]]:
         """(host, stage, seconds) of every stage attempt that succeeded: how fast work really goes."""
         with self._reader.connect() as db:
@@ -702,6 +806,7 @@ class Ledger:
             ).all()
         return [(r.host, r.stage, (r.ended_at - r.started_at).total_seconds()) for r in rows]
 
+    @retried
     def back_online(self) -> tuple[dt.datetime | None, dict[str, dt.datetime]]:
         """When the first stage of the ledger started, and when each host last came online."""
         with self._reader.connect() as db:
@@ -716,11 +821,13 @@ class Ledger:
             str(r[0]): (r[1].replace(tzinfo=dt.UTC) if r[1].tzinfo is None else r[1]) for r in rows
         }
 
+    @retried
     def with_evidence(self) -> set[str]:
         """Hosts that have at least one evidence record."""
         with self._reader.connect() as db:
             return {str(r[0]) for r in db.execute(select(EVIDENCE.c.host).distinct())}
 
+    @retried
     def running_stages(self) -> dict[str, tuple[str, str | None, dt.datetime]]:
         """Hosts with a stage running (no end recorded): host -> (stage, run, started at)."""
         with self._reader.connect() as db:
@@ -731,6 +838,7 @@ class Ledger:
             ).all()
         return {str(r.host): (str(r.stage), r.run_id, r.started_at) for r in rows}
 
+    @retried
     def leases(self) -> dict[str, tuple[str, dt.datetime]]:
         """Hosts leased by a run: host -> (run, lease expiry)."""
         with self._reader.connect() as db:
@@ -741,10 +849,12 @@ class Ledger:
             ).all()
         return {str(r.name): (str(r.lease_run), r.lease_expires) for r in rows}
 
+    @retried
     def has_evidence(self, host: str) -> bool:
         with self._reader.connect() as db:
             return self._has_evidence(db, host)
 
+    @retried
     def open_attempt(self, host: str) -> AttemptRecord | None:
         """The attempt of a stage that started and has not ended (after a crash: the interrupted one)."""
         with self._reader.connect() as db:
@@ -760,6 +870,7 @@ class Ledger:
             r.host, r.stage, r.number, r.run_id, r.started_at, r.ended_at, r.outcome, r.error
         )
 
+    @retried
     def transition_count(self) -> int:
         with self._reader.connect() as db:
             return int(db.execute(select(func.count()).select_from(TRANSITIONS)).scalar_one())
@@ -772,6 +883,21 @@ class Ledger:
         if row is None:
             raise UnknownHost(f"no host named {name!r} in the ledger (is it in the inventory?)")
         return row
+
+    @staticmethod
+    def _applied_already(db: Connection, lease: Lease, event: Event, state: HostState) -> bool:
+        last = db.execute(
+            select(TRANSITIONS.c.event, TRANSITIONS.c.run_id, TRANSITIONS.c.to_state)
+            .where(TRANSITIONS.c.host == lease.host)
+            .order_by(TRANSITIONS.c.id.desc())
+            .limit(1)
+        ).first()
+        return (
+            last is not None
+            and last.event == event.value
+            and last.run_id == lease.run_id
+            and last.to_state == state.value
+        )
 
     @staticmethod
     def _has_evidence(db: Connection, host: str) -> bool:
@@ -852,6 +978,30 @@ def _fast_update(event: Event, target: HostState) -> Update:
     statement = update(HOSTS).where(*rules).values(**values)
     _FAST_UPDATES[key] = statement
     return statement
+
+
+def _take_lease(host: str, run_id: str, now: dt.datetime, expires: dt.datetime, stale: float) -> Any:
+    """Take a host's lease if nobody alive holds it: a new fencing token refuses the old holder."""
+    return (
+        update(HOSTS)
+        .where(
+            HOSTS.c.name == host,
+            HOSTS.c.retired_at.is_(None),
+            or_(
+                HOSTS.c.lease_run.is_(None),
+                HOSTS.c.lease_expires <= now,
+                HOSTS.c.lease_run == run_id,
+                HOSTS.c.lease_run.in_(dead_runs(now, stale)),
+            ),
+        )
+        .values(
+            fence=HOSTS.c.fence + 1,
+            lease_token=HOSTS.c.fence + 1,
+            lease_run=run_id,
+            lease_expires=expires,
+        )
+        .returning(HOSTS.c.lease_token, HOSTS.c.state)
+    )
 
 
 def _holds(lease: Lease, now: dt.datetime) -> Any:

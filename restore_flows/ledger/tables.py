@@ -98,6 +98,8 @@ class RunRow(Base):
     external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     """Renewed while the run's process lives: a run whose heartbeat is stale is dead."""
+    process: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    """'machine:pid' of the process running it: on the same machine, a dead pid is a dead run at once."""
 
 
 class TransitionRow(Base):

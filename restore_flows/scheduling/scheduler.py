@@ -97,6 +97,8 @@ class Scheduler:
         self.online: set[str] = set(online)
         self.dead: dict[str, str] = dict(stuck or {})
         """Hosts that will not come online (failed, blocked, stuck outside), with why."""
+        self.notes: dict[str, str] = {}
+        """What is known of hosts outside the jobs that others wait for (who works on them), for why()."""
         self.status: dict[str, Status] = {}
         self.pos: dict[str, int] = {}
         self._unmet: dict[str, int] = {}
@@ -124,6 +126,11 @@ class Scheduler:
         self._gated_on_pool: dict[str, set[str]] = defaultdict(set)
         self._held_back = False
 
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Index the jobs by dependency and wave, then settle each host's first step."""
+        jobs = self.jobs
         for name, job in jobs.items():
             grouped: dict[int, list[str]] = defaultdict(list)
             for dependency, index in job.gates:
@@ -132,7 +139,7 @@ class Scheduler:
             self._gates_at[name] = grouped
             self.pos[name] = 0
             self._left_in_wave[job.wave] += 1
-        if policy.barrier:
+        if self.policy.barrier:
             self._current_wave = min((job.wave for job in jobs.values()), default=0)
         for name, job in jobs.items():
             self.status[name] = Status.PENDING
@@ -140,7 +147,7 @@ class Scheduler:
                 self.status[name] = Status.DONE
                 self.online.add(name)
                 self._left_in_wave[job.wave] -= 1
-        if policy.barrier:
+        if self.policy.barrier:
             self._advance_barrier()
         for name in jobs:
             if self.status[name] is Status.PENDING:
@@ -336,8 +343,12 @@ class Scheduler:
             return f"ready to {step.stage.value}"
         unmet = [d for d in self._current_gates(host) if d not in self.online]
         if unmet:
-            return f"waiting for {unmet[0]} to be online before {step.stage.value}" + (
-                f" (and {len(unmet) - 1} more)" if len(unmet) > 1 else ""
+            first = unmet[0]
+            note = self.notes.get(first)
+            return (
+                f"waiting for {first} to be online before {step.stage.value}"
+                + (f" (and {len(unmet) - 1} more)" if len(unmet) > 1 else "")
+                + (f": {note}" if note else "")
             )
         if self.approved is not None and job.wave not in self.approved:
             return "waiting for the wave's approval"

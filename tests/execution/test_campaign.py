@@ -6,11 +6,11 @@ import datetime as dt
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, create_engine, select, text
 
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.errors import LeaseHeld
@@ -33,6 +33,17 @@ from restore_flows.scheduling.runner import Retries
 from restore_flows.states import Event, HostState
 from tests.conftest import WriteInventory
 from tests.execution.conftest import FAST, Clock, run_threads
+
+_ENGINES: list[Engine] = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines() -> Iterator[None]:
+    """Close what a test's ledgers left open (PostgreSQL warns about connections never closed)."""
+    yield
+    while _ENGINES:
+        _ENGINES.pop().dispose()
+
 
 PIPELINE_EVENTS = [
     "enroll",
@@ -249,7 +260,10 @@ def test_a_dependency_outside_the_run_is_waited_for_visibly(ledger: Ledger, smal
 
     def seen(progress: HostProgress) -> None:
         reasons.append(f"{progress.host}: {progress.status.value}: {progress.reason}")
-        if progress.host == "gw-01" and progress.reason == "waiting for dc-01 to be online before verify":
+        if progress.host == "gw-01" and (progress.reason or "").startswith(
+            "waiting for dc-01 to be online before verify: it is compromised and no run is working on "
+            "it: start a run of wave core"
+        ):
             waiting.set()
 
     results: list[object] = []
@@ -302,29 +316,57 @@ def _interrupt(ledger: Ledger, clock: Clock, host: str) -> str:
 
 
 @pytest.mark.parametrize("finished", [True, False])
-def test_an_interrupted_wipe_is_resolved_from_facts_never_repeated(
+def test_an_interrupted_wipe_is_finished_from_facts_or_resumed(
     ledger: Ledger, small_plan: Plan, clock: Clock, finished: bool
 ) -> None:
-    _interrupt(ledger, clock, "gw-01")
+    lost = _interrupt(ledger, clock, "gw-01")
     assert ledger.interrupted() == [("gw-01", "wipe")]
-    fleet = SimulatedFleet(time_scale=1.0 if not finished else 0.0, clock=clock)
+
+    class Facts(SimulatedFleet):
+        def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
+            return finished  # what the deployment server would say about the lost wipe
+
     # dc-01, which gw-01 needs before verify, is in no run: the resumed run goes as far as it can.
     settings = CampaignSettings(
         retries=Retries(backoff_minutes=(0.0,)), poll_seconds=0.02, dependency_timeout=0
     )
-    _, summary = run_threads(
-        ledger, small_plan, fleet, "icu", hosts=("gw-01",), approver="Dr. A", settings=settings
+    run_threads(ledger, small_plan, Facts(), "icu", hosts=("gw-01",), approver="Dr. A", settings=settings)
+    history = ledger.history("gw-01")
+    events = [t.event for t in history.transitions]
+    assert ledger.interrupted() == []
+    assert ledger.host("gw-01").state is HostState.REIMAGED
+    if finished:
+        assert events[:4] == ["enroll", "start_wipe", "wipe_done", "start_reimage"]
+    else:
+        # The fleet cannot vouch for the lost wipe: it is wiped again, and the history says why.
+        assert events[:6] == ["enroll", "start_wipe", "interrupted", "retry", "start_wipe", "wipe_done"]
+        assert history.transitions[3].detail == f"resumed after the crash of run {lost}"
+        assert [a.outcome for a in history.attempts if a.stage == "wipe"] == ["interrupted", "succeeded"]
+
+
+def test_a_clean_host_is_never_wiped_again_after_a_crash(
+    ledger: Ledger, small_plan: Plan, clock: Clock
+) -> None:
+    _, core = run_threads(ledger, small_plan, SimulatedFleet(), "core")  # dc-01, which gw-01 needs
+    assert core.ok
+    run = ledger.start_run("rehearsal", "icu", "lost")
+    ledger.record_approval(run, "icu", ["gw-01"], "Dr. A", "shown")
+    lease = ledger.acquire("gw-01", run, 60)
+    for event in (Event.START_WIPE, Event.WIPE_DONE, Event.START_REIMAGE, Event.REIMAGE_DONE):
+        ledger.apply(lease, event, actor="lost")
+    ledger.apply(lease, Event.START_VERIFY, actor="lost")
+    ledger.apply(lease, Event.VERIFY_PASSED, actor="lost")
+    ledger.apply(lease, Event.START_RELEASE, actor="lost")  # and then the run died
+    clock.advance(120)
+    settings = CampaignSettings(
+        retries=Retries(backoff_minutes=(0.0,)), poll_seconds=0.02, dependency_timeout=0
     )
+    _, summary = run_threads(ledger, small_plan, SimulatedFleet(), "icu", hosts=("gw-01",), settings=settings)
     events = [t.event for t in ledger.history("gw-01").transitions]
     assert events.count("start_wipe") == 1
-    assert ledger.interrupted() == []
-    if finished:
-        assert events[2] == "wipe_done"
-        assert ledger.host("gw-01").state is HostState.REIMAGED
-    else:
-        assert ledger.host("gw-01").state is HostState.WIPE_FAILED
-        assert events[2] == "interrupted"
-        assert summary.hosts["gw-01"].status is Status.FAILED  # left for an operator, not retried
+    # The stage left running was the release: it is resumed; the wipe is not repeated.
+    assert events[-2:] == ["start_release", "release_done"], summary.hosts["gw-01"]
+    assert summary.hosts["gw-01"].status is Status.ONLINE
 
 
 def test_the_approval_summary_lists_forensic_holds_and_what_is_online(
@@ -423,6 +465,7 @@ def test_a_stage_longer_than_the_lease_keeps_the_host(engine: Engine, small_plan
 
 def _ledger(directory: Path, the_plan: Plan, url: str | None = None) -> Ledger:
     engine = make_engine(url or f"sqlite:///{directory / 'campaign.sqlite3'}")
+    _ENGINES.append(engine)
     upgrade(engine)
     ledger = Ledger(engine)
     ledger.sync_inventory(the_plan.estate, the_plan)
@@ -454,3 +497,82 @@ def test_the_sample_estate_with_every_host_in_flight(
         if t.event == "start_wipe"
     )
     assert set(wipes.values()) == {1}
+
+
+def test_a_host_held_by_a_live_run_is_waited_for_visibly_never_failed(
+    ledger: Ledger, small_plan: Plan
+) -> None:
+    other = ledger.start_run("rehearsal", "icu", "another operator")
+    lease = ledger.acquire("gw-01", other, 300)
+    reasons: list[str] = []
+    seen_held = threading.Event()
+
+    def seen(progress: HostProgress) -> None:
+        if progress.host == "gw-01" and progress.reason:
+            reasons.append(progress.reason)
+            if "is held by run" in progress.reason:
+                seen_held.set()
+
+    results: list[object] = []
+    thread = threading.Thread(
+        target=lambda: results.append(run_threads(ledger, small_plan, SimulatedFleet(), on_change=seen))
+    )
+    thread.start()
+    beat = threading.Event()
+
+    def heartbeat() -> None:  # the other run is alive
+        while not beat.wait(0.05):
+            ledger.heartbeat(other, 300)
+
+    beating = threading.Thread(target=heartbeat)
+    beating.start()
+    assert seen_held.wait(20), reasons
+    assert f"waiting: host gw-01 is held by run {other}, alive" in next(r for r in reasons if "held" in r)
+    beat.set()
+    beating.join()
+    ledger.release(lease)  # the other run lets go: ours takes it on its next look
+    thread.join(60)
+    assert results
+    assert ledger.host("gw-01").state is HostState.ONLINE
+    assert [t.event for t in ledger.history("gw-01").transitions].count("start_wipe") == 1
+
+
+@pytest.mark.slow
+def test_postgresql_connections_terminated_mid_run_fail_no_host(
+    ledger_url_postgresql: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pg_terminate_backend on every connection of the ledger, every half second, for the whole run:
+    each transaction that loses its connection is run again; no host fails for the database."""
+    the_plan = plan(load_estate(Path(__file__).resolve().parents[2] / "inventory"))
+    ledger = _ledger(tmp_path, the_plan, ledger_url_postgresql)
+    database = ledger_url_postgresql.rsplit("/", 1)[1]
+    admin = create_engine(ledger_url_postgresql.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def terminate() -> None:
+        with admin.connect() as db:
+            while not stop.wait(0.5):
+                rows = db.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": database},
+                ).all()
+                killed.append(len(rows))
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    try:
+        _, summary = run_threads(ledger, the_plan, SimulatedFleet(), "core", "icu")
+    finally:
+        stop.set()
+        killer.join()
+        admin.dispose()
+    assert sum(killed) > 10, killed  # connections really were cut, many times
+    assert summary.ok, [(p.host, p.error) for p in summary.hosts.values() if p.status is not Status.ONLINE]
+    assert any("retrying" in r.message for r in caplog.records)
+    for name in the_plan.wave("icu").hosts[:20]:
+        events = [t.event for t in ledger.history(name).transitions]
+        assert events.count("start_wipe") == 1, (name, events)

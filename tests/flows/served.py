@@ -101,3 +101,17 @@ def latest_artifact(served: Served, key: str) -> Any:
             artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key]))
         )
         return found[0].data if found else None
+
+
+def answer_form(
+    client: SyncPrefectClient, run_id: UUID, run_input: dict[str, Any], timeout: float = 60
+) -> Any:
+    """Answer a paused run's form as the UI's Resume dialog does. The run shows Paused a moment before
+    its form's schema is saved; an answer in between is refused for that reason only: ask again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = client.resume_flow_run(run_id, run_input=run_input)
+        reason = getattr(result.details, "reason", "") or ""
+        if result.status.value != "REJECT" or "schema not found" not in reason or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)

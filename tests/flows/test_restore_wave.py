@@ -22,10 +22,19 @@ from prefect.states import Scheduled
 from sqlalchemy import select
 
 from restore_flows.flows.server import PrefectServer
+from restore_flows.ledger.audit import audit
 from restore_flows.ledger.db import make_engine
 from restore_flows.ledger.tables import PoolClaimRow
 from restore_flows.states import HostState
-from tests.flows.served import Served, api_client, eventually, final_state, latest_artifact, start_run
+from tests.flows.served import (
+    Served,
+    answer_form,
+    api_client,
+    eventually,
+    final_state,
+    latest_artifact,
+    start_run,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,11 +153,9 @@ def test_approval_through_the_api_is_recorded(served: Served) -> None:
         paused = eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 120)
         assert paused
         assert served.ledger().history("dc-01").transitions[-1].event == "enroll"  # nothing before
-        wrong = client.resume_flow_run(run_id, run_input={"approver": "", "confirm_wave": "core"})
+        wrong = answer_form(client, run_id, {"approver": "", "confirm_wave": "core"})
         assert wrong.status.value == "REJECT"  # the server checks the form
-        answer = client.resume_flow_run(
-            run_id, run_input={"approver": "Dr. Ada Osei", "confirm_wave": "core"}
-        )
+        answer = answer_form(client, run_id, {"approver": "Dr. Ada Osei", "confirm_wave": "core"})
         assert answer.status.value == "ACCEPT"
     state = final_state(served, run_id)
     assert state.is_completed(), state.message
@@ -233,9 +240,13 @@ def test_killed_serve_process_resumes_without_repeating_a_wipe(served: Served) -
     for name in icu:
         history = ledger.history(name)
         assert history.host.state is HostState.ONLINE, name
-        events = [t.event for t in history.transitions]
-        assert events.count("start_wipe") == 1, (name, events)
         runs |= {t.run_id for t in history.transitions if t.run_id}
+    # Wiped once, or again only after a wipe the crash interrupted and the fleet could not vouch for;
+    # every log replays; nothing is left held.
+    engine = make_engine(served.ledger_url)
+    found = audit(engine, quiet=True)
+    engine.dispose()
+    assert found.ok, found.problems
     assert len(runs) == 1  # the re-run continued the same ledger run, with its approval and leases
 
 
@@ -245,9 +256,10 @@ def test_a_campaign_runs_the_approved_waves_while_the_others_wait(served: Served
     with api_client(served.server) as client:
         paused = eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 120)
         assert paused
-        answer = client.resume_flow_run(
+        answer = answer_form(
+            client,
             run_id,
-            run_input={"approver": "Dr. Ada Osei", "waves": ["core", "icu"], "confirm_waves": "icu, core"},
+            {"approver": "Dr. Ada Osei", "waves": ["core", "icu"], "confirm_waves": "icu, core"},
         )
         assert answer.status.value == "ACCEPT"
 
@@ -262,8 +274,8 @@ def test_a_campaign_runs_the_approved_waves_while_the_others_wait(served: Served
         )
         again = eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 60)
         assert again
-        answer = client.resume_flow_run(
-            run_id, run_input={"approver": "Dr. B. Mensah", "waves": ["lab"], "confirm_waves": "lab"}
+        answer = answer_form(
+            client, run_id, {"approver": "Dr. B. Mensah", "waves": ["lab"], "confirm_waves": "lab"}
         )
         assert answer.status.value == "ACCEPT"
     state = final_state(served, run_id)

@@ -52,7 +52,8 @@ def test_status_history_evidence_decide(restore: CliRunner) -> None:
     fresh = json.loads(_run(restore, "forecast", "--fresh", "--json").stdout)
     assert status["waves"]["icu"]["eta_minutes"] == fresh["waves"]["icu"]["finish_minutes"]
     assert status["estate"]["eta_minutes"] == fresh["makespan_minutes"]
-    assert "enrolled 1700 new host(s)" in result.stderr
+    # A read command writes nothing: the hosts are counted, not enrolled.
+    assert "1,700 host(s) of the inventory are not in the ledger yet" in result.stderr
 
     result = _run(restore, "forecast")
     assert result.exit_code == 0, result.output
@@ -113,7 +114,7 @@ def test_status_history_evidence_decide(restore: CliRunner) -> None:
     assert "on_hold" in result.stdout
 
     result = _run(restore, "history", "nope")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no host named 'nope'" in result.stderr
 
 

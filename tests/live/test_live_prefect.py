@@ -20,7 +20,7 @@ from prefect.client.schemas.filters import (
 
 from restore_flows.flows.server import PrefectServer
 from restore_flows.states import HostState
-from tests.flows.served import Served, api_client, eventually, final_state, start_run
+from tests.flows.served import Served, answer_form, api_client, eventually, final_state, start_run
 from tests.live.estate import BMC_PASSWORD, DEPLOY_TOKEN, LiveEstate, live_estate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -64,7 +64,7 @@ def test_a_live_wave_from_the_deployment_with_its_approval_form(live: tuple[Live
     with api_client(served.server) as client:
         paused = eventually(lambda: (r := client.read_flow_run(run_id)).state and r.state.is_paused(), 120)
         assert paused
-        answer = client.resume_flow_run(run_id, run_input={"approver": "Dr. Ada Osei", "confirm_wave": "icu"})
+        answer = answer_form(client, run_id, {"approver": "Dr. Ada Osei", "confirm_wave": "icu"})
         assert answer.status.value == "ACCEPT"
     state = final_state(served, run_id, timeout=240)
     assert state.is_failed()  # one host is quarantined, by design
