@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from restore_flows.execution.eta import forecast_from_ledger
+from restore_flows.execution.eta import forecast_from_ledger, learned_durations
 from restore_flows.ledger import queries
 from restore_flows.ledger.repository import Ledger
 from restore_flows.ledger.status import bucket, iso
@@ -245,6 +245,16 @@ class Overview:
             "waiting_for": [b.to_json() for b in dependencies[:blockers]],
             "waiting_for_total": len(dependencies),
         }
+
+
+def plan_pace(ledger: Ledger, the_plan: Plan, rehearsal: bool) -> float:
+    """The pace to draw the plan at: the plan's own for live work; for a rehearsal, whose time scale
+    only the run knows, the pace observed in its ledger (1.0 until a stage has finished)."""
+    if not rehearsal:
+        return 1.0
+    pace = learned_durations(ledger, the_plan).pace
+    # Two significant digits: the plan is forecast again only when the pace really changed.
+    return float(f"{pace:.2g}") if pace > 0 else 1.0
 
 
 def planned(the_plan: Plan, pace: float = 1.0) -> Forecast:

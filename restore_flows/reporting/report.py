@@ -30,7 +30,7 @@ from restore_flows.ledger.records import EvidenceRecord
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import Plan
 from restore_flows.reporting.markup import Markup, join, tag
-from restore_flows.reporting.overview import Blocker, Counts, Hold, Overview, overview, planned
+from restore_flows.reporting.overview import Blocker, Counts, Hold, Overview, overview, plan_pace, planned
 from restore_flows.reporting.pdf import html_to_pdf
 from restore_flows.reporting.timeline import gantt_svg
 
@@ -57,15 +57,17 @@ def situation(
     *,
     rehearsal: bool = False,
     now: Callable[[], dt.datetime] | None = None,
-    default_pace: float = 1.0,
+    default_pace: float | None = None,
 ) -> Situation:
-    """``default_pace``: a rehearsal's time scale, for the plan and for the ETA until stages were seen."""
+    """``default_pace``: a rehearsal's time scale, for the plan and for the ETA until stages were seen
+    (default: 1.0 for the live ledger; for a rehearsal, the pace its ledger shows)."""
+    pace = default_pace if default_pace is not None else plan_pace(ledger, the_plan, rehearsal)
     view = overview(
         ledger,
         the_plan,
-        plan_forecast=planned(the_plan, default_pace),
+        plan_forecast=planned(the_plan, pace),
         now=now,
-        default_pace=default_pace,
+        default_pace=pace,
     )
     return Situation(view, queries.approvals(ledger), queries.evidence(ledger), rehearsal)
 
@@ -79,7 +81,7 @@ def write_report(
     rehearsal: bool = False,
     tz: dt.tzinfo | None = None,
     now: Callable[[], dt.datetime] | None = None,
-    default_pace: float = 1.0,
+    default_pace: float | None = None,
     pdf: PdfWriter = html_to_pdf,
 ) -> Situation:
     """Write the report as HTML to ``html_path`` and, if given, as PDF to ``pdf_path`` (the HTML
@@ -228,7 +230,7 @@ def _waves(view: Overview, when: _Times) -> Markup:
             eta = f"{format_minutes(wave.eta_minutes)} ({when(_plus(view.at, wave.eta_minutes))})"
         else:
             others = when(_plus(view.at, wave.eta_others_minutes))
-            eta = f"{len(wave.will_not_finish)} need an operator; the others by {others}"
+            eta = f"{len(wave.will_not_finish)} cannot finish without an operator; the others by {others}"
         rows.append(
             tag(
                 "tr",

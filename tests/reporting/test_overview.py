@@ -7,7 +7,7 @@ import time
 
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.ledger.status import bucket
-from restore_flows.reporting.overview import BUCKETS, Hold, overview, planned
+from restore_flows.reporting.overview import BUCKETS, Hold, overview, plan_pace, planned
 from restore_flows.states import HostState
 from tests.execution.conftest import run_threads
 from tests.reporting.scenarios import HOSTILE_ERROR, HOSTILE_REASON, PausedFleet, Scenario
@@ -124,3 +124,12 @@ def test_the_plan_and_the_timeline_of_a_finished_restore(fresh: Scenario) -> Non
     assert json["done"] is True
     assert [w["name"] for w in json["waves"]] == ["core", "icu", "rest"]
     assert all(w["planned_finish_at"] for w in json["waves"])
+
+
+def test_a_rehearsals_plan_is_drawn_at_the_pace_its_ledger_shows(fresh: Scenario) -> None:
+    assert plan_pace(fresh.ledger, fresh.plan, rehearsal=True) == 1.0  # nothing observed yet
+    _run, summary = run_threads(fresh.ledger, fresh.plan, SimulatedFleet())
+    assert summary.ok
+    # The simulated stages took milliseconds for planned minutes: the rehearsal ran far faster.
+    assert plan_pace(fresh.ledger, fresh.plan, rehearsal=True) < 0.01
+    assert plan_pace(fresh.ledger, fresh.plan, rehearsal=False) == 1.0

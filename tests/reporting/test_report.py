@@ -53,7 +53,7 @@ def test_waves_and_sites_carry_the_ledgers_counts(trouble: Scenario) -> None:
     # wave, hosts, online %, online, in progress, waiting, operator, blocked, ETA, plan
     icu = found["Waves: progress and ETA"].row("icu")
     assert icu[1:8] == ["8", "50 %", "4", "0", "0", "1", "3"]
-    assert icu[8].startswith("4 need an operator; the others by")
+    assert icu[8].startswith("4 cannot finish without an operator; the others by")
     core = found["Waves: progress and ETA"].row("core")
     assert core[1:4] == ["1", "100 %", "1"]
     assert core[8].startswith("back ")
