@@ -479,7 +479,8 @@ def _timeline(view: Overview, when: _Times) -> Markup:
 
 
 def _signed_minutes(minutes: float) -> str:
-    if abs(minutes) < 0.5:
+    # Three seconds: a rehearsal's whole wave may take less than a minute.
+    if abs(minutes) < 0.05:
         return "on plan"
     return f"{format_minutes(abs(minutes))} {'late' if minutes > 0 else 'early'}"
 
