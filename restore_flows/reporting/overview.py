@@ -24,7 +24,7 @@ import datetime as dt
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -209,8 +209,8 @@ class Overview:
     sites: Mapping[str, Mapping[str, Counts]]
     """Site -> department -> counts, over every wave."""
     blockers: tuple[Blocker, ...]
-    """What needs people first (most hosts held back first), then the dependencies others wait for."""
-    states: Mapping[str, HostState] = field(repr=False)
+    """What needs people first (clinical priority, then most hosts held back), then the dependencies
+    others wait for."""
 
     def wave(self, name: str) -> WaveView:
         for wave in self.waves:
@@ -339,7 +339,6 @@ def overview(
             for site in sorted(sites)
         },
         blockers=tuple(_blockers(ledger, the_plan, found, states, blocked)),
-        states=states,
     )
 
 
