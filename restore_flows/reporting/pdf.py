@@ -1,8 +1,8 @@
 """HTML to PDF with WeasyPrint, offline.
 
 Why WeasyPrint rather than headless Chromium: it is a Python package in the lock file whose only
-system needs are pango and its fonts (``libpango-1.0-0``, ``libpangoft2-1.0-0``: on Debian 12 these
-come with the base desktop libraries; CI installs them by name), it implements the print CSS the report
+system needs are pango and a font (Debian 12's ``libpango-1.0-0``, ``libpangoft2-1.0-0``,
+``fonts-dejavu-core``: ``APT_PACKAGES``, installed by name in CI), it implements the print CSS the report
 uses (``@page`` size and margin boxes with page numbers, repeated table headers), it runs no script,
 and every resource a page asks for goes through a fetcher we give it, which here refuses them all: a
 report must never reach the network, whatever a hostile value in it tried. Chromium is a 300 MB
