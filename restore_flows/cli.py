@@ -456,6 +456,22 @@ def rehearse(
 
 @app.command()
 @_handled
+def report(
+    html: Annotated[Path, typer.Option("--html", help="Where to write the report (one printable page).")],
+    pdf: Annotated[Path | None, typer.Option("--pdf", help="The same as PDF.")] = None,
+    inventory: InventoryOption = Path("inventory"),
+    rehearsal: RehearsalFlag = False,
+) -> None:
+    """The situation report for the crisis cell (and, once all is back, the after-action report)."""
+    from restore_flows.reporting.report import write_report
+
+    with _context(rehearsal) as context:
+        write_report(context.ledger, _view(context, inventory), html, pdf, rehearsal=rehearsal)
+    _out().print(Text(f"wrote {html}" + (f" and {pdf}" if pdf else "")))
+
+
+@app.command()
+@_handled
 def up() -> None:
     """Start the local Prefect server and serve the restore deployments; prints the UI address."""
     from restore_flows import rehearsal

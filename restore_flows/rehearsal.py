@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from restore_flows.errors import UsageError
@@ -120,7 +121,7 @@ def rehearse(
         upgrade(engine)
         ledger = Ledger(engine)
         try:
-            with LedgerProgress(ledger, the_plan, chosen, console):
+            with LedgerProgress(ledger, the_plan, chosen, console, pace=time_scale):
                 state = restore_estate(
                     EstateParameters(
                         waves=list(waves),
@@ -139,33 +140,48 @@ def rehearse(
 
 
 class LedgerProgress:
-    """A bar per wave in the terminal, drawn from the rehearsal ledger (the truth), twice a second."""
+    """The terminal's view of a rehearsal, drawn from the rehearsal ledger (the truth): a bar per wave
+    and a line for the estate with its percentage and ETA (the forecast from the ledger)."""
 
-    def __init__(self, ledger: Ledger, the_plan: Plan, waves: Sequence[str], console: Console) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        the_plan: Plan,
+        waves: Sequence[str],
+        console: Console,
+        pace: float = 1.0,
+    ) -> None:
         self._ledger = ledger
+        self._plan = the_plan
+        self._pace = pace if pace > 0 else 1.0
         self._members = {w: set(the_plan.wave(w).hosts) for w in waves}
+        self._all = set().union(*self._members.values()) if self._members else set()
         self._progress = Progress(
             TextColumn("{task.description:<12}"),
             BarColumn(),
             TextColumn("{task.completed:>5.0f}/{task.total:<5.0f} online"),
             TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
             console=console,
         )
         self._tasks: dict[str, TaskID] = {}
+        self._eta: dict[str, float | None] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rehearsal-progress", daemon=True)
+        self._forecaster = threading.Thread(target=self._forecast, name="rehearsal-eta", daemon=True)
 
     def __enter__(self) -> LedgerProgress:
         self._progress.start()
+        self._tasks["(estate)"] = self._progress.add_task("estate", total=len(self._all), detail="")
         for wave, members in self._members.items():
             self._tasks[wave] = self._progress.add_task(wave, total=len(members), detail="")
         self._thread.start()
+        self._forecaster.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+        self._forecaster.join(10)
         self._refresh()
         self._progress.stop()
 
@@ -173,17 +189,40 @@ class LedgerProgress:
         while not self._stop.wait(0.5):
             self._refresh()
 
+    def _forecast(self) -> None:
+        """The ETA is the forecast, a fraction of a second of work: every few seconds, on its own."""
+        from restore_flows.execution.eta import forecast_from_ledger
+
+        while not self._stop.wait(3.0):
+            try:
+                found = forecast_from_ledger(self._ledger, self._plan, default_pace=self._pace)
+            except Exception:  # the ledger is being created or migrated: try again later
+                continue
+            self._eta = {name: wave.finish_minutes for name, wave in found.waves.items()}
+            self._eta["(estate)"] = found.makespan_minutes
+
     def _refresh(self) -> None:
+        from restore_flows.execution.eta import format_minutes
+
         try:
             states = self._ledger.states()
         except Exception:  # the ledger is being created or migrated: try again next tick
             return
-        for wave, members in self._members.items():
+        for key, members in [("(estate)", self._all), *self._members.items()]:
             counts = Counter(states.get(n, HostState.COMPROMISED) for n in members)
+            online = counts[HostState.ONLINE]
             failed = sum(c for s, c in counts.items() if s in FAILED or s is HostState.QUARANTINED)
-            busy = len(members) - counts[HostState.ONLINE] - counts[HostState.COMPROMISED] - failed
-            detail = f"{busy} in progress" + (f", {failed} failed" if failed else "")
-            self._progress.update(self._tasks[wave], completed=counts[HostState.ONLINE], detail=detail)
+            busy = len(members) - online - counts[HostState.COMPROMISED] - failed
+            parts = [f"{round(100 * online / len(members)) if members else 100} %"]
+            if online == len(members):
+                parts.append("all back")
+            else:
+                parts.append(f"{busy} in progress")
+                if key in self._eta:
+                    parts.append(f"ETA {format_minutes(self._eta[key])}")
+            if failed:
+                parts.append(f"{failed} need an operator")
+            self._progress.update(self._tasks[key], completed=online, detail=" · ".join(parts))
 
 
 def _print_summary(console: Console, ledger: Ledger, the_plan: Plan, waves: Sequence[str]) -> None:
@@ -227,9 +266,15 @@ def up(settings: Settings, console: Console) -> None:
         from prefect import serve
 
         from restore_flows.flows.serving import deployments
+        from restore_flows.web.dashboard import serve_dashboard
 
-        console.print(
-            f"[bold]Prefect UI: {api_url.removesuffix('/api')}/[/]  deployments: restore-wave, "
-            "restore-estate. Ctrl-C stops serving."
-        )
-        serve(*deployments(settings), limit=10, query_seconds=1, print_starting_message=False)
+        with serve_dashboard(settings, settings.prefect_host, settings.dashboard_port) as dashboard:
+            console.print(
+                Text.assemble(
+                    ("Ops, the Prefect UI: ", "bold"),
+                    f"{api_url.removesuffix('/api')}/  (deployments restore-estate, restore-wave)\n",
+                    ("Managers, the live view: ", "bold"),
+                    f"{dashboard.url}  (add ?ledger=rehearsal for rehearsals)\nCtrl-C stops serving.",
+                )
+            )
+            serve(*deployments(settings), limit=10, query_seconds=1, print_starting_message=False)

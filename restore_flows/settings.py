@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     inventory: Path = Field(default=Path("inventory"), description="Inventory directory (RESTORE_INVENTORY).")
     prefect_host: str = Field(default="127.0.0.1", description="Address the local Prefect server binds.")
     prefect_port: int = Field(default=4200, ge=1, le=65535, description="Port of the local Prefect server.")
+    dashboard_port: int = Field(
+        default=4201, ge=1, le=65535, description="Port of the managers' dashboard that 'restore up' serves."
+    )
     prefect_database_url: str | None = Field(
         default=None,
         description="Prefect server's own database (postgresql+asyncpg://...); default SQLite in its home.",
@@ -127,3 +130,12 @@ class Settings(BaseSettings):
     @property
     def prefect_home(self) -> Path:
         return self.data_dir / "prefect"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.prefect_host}:{self.prefect_port}"
+
+    def dashboard_url(self, rehearsal: bool) -> str:
+        return (
+            f"http://{self.prefect_host}:{self.dashboard_port}/?ledger={'rehearsal' if rehearsal else 'live'}"
+        )

@@ -70,6 +70,7 @@ class RunSummary:
     elapsed_seconds: float
     refused: dict[str, str] = field(default_factory=dict)
     """Waves not approved, with why: nothing of them was wiped."""
+    stages_started: int = 0
 
     @property
     def ok(self) -> bool:
@@ -172,8 +173,11 @@ class Named(Automatic):
         self.name = approver
 
 
-def approval_summary(the_plan: Plan, hosts: Sequence[str], ledger: Ledger, wave: str | None = None) -> str:
-    """What an approver is shown before a wave's first wipe: counts per site and kind, forensic holds."""
+def approval_summary(
+    the_plan: Plan, hosts: Sequence[str], ledger: Ledger, wave: str | None = None, run_id: str | None = None
+) -> str:
+    """What an approver is shown before a wave's first wipe: counts per site and kind, what is online
+    already, hosts another live run holds, forensic holds and whether their evidence is in."""
     estate = the_plan.estate
     states = ledger.states(hosts)
     online = [n for n in hosts if states.get(n) is HostState.ONLINE]
@@ -184,6 +188,14 @@ def approval_summary(the_plan: Plan, hosts: Sequence[str], ledger: Ledger, wave:
     lines += [f"- {site}: {count} {kind}(s)" for (site, kind), count in sorted(per.items())]
     if online:
         lines.append(f"{len(online)} host(s) of it are online already: nothing is done to them.")
+    leases = ledger.leases()
+    holders = Counter(leases[n][0] for n in todo if n in leases and leases[n][0] != run_id)
+    for holder, count in sorted(holders.items()):
+        if ledger.run(holder).alive:
+            lines.append(
+                f"WARNING: {count} host(s) of it are held by another run, {holder}, still alive: "
+                "they are waited for, not touched, until it lets them go."
+            )
     held = [n for n in todo if estate.hosts[n].forensic_hold]
     if held:
         evidence = ledger.with_evidence()
@@ -351,7 +363,7 @@ class Campaign:
                 self._set(name, Status.BLOCKED, reason=scheduler.dead.get(name))
             elif status is Sched.DONE and item.status is not Status.ONLINE:
                 self._set(name, Status.ONLINE, state=FINAL)
-        return RunSummary(dict(self.progress), time.monotonic() - started, dict(world.refused))
+        return RunSummary(dict(self.progress), time.monotonic() - started, dict(world.refused), starter.count)
 
     # -- progress ----------------------------------------------------------------------------------
 
@@ -394,7 +406,9 @@ class Campaign:
             if name in jobs and name not in online and jobs[name].steps and name not in covered:
                 per_wave.setdefault(self.plan.hosts[name].wave, []).append(name)
         return [
-            WaveToApprove(wave, tuple(names), approval_summary(self.plan, names, self.ledger, wave))
+            WaveToApprove(
+                wave, tuple(names), approval_summary(self.plan, names, self.ledger, wave, self.run_id)
+            )
             for wave, names in per_wave.items()
         ]
 
@@ -423,8 +437,10 @@ class _Starter:
         self._jobs = jobs
         self._clock = clock
         self._world = world
+        self.count = 0
 
     def start(self, start: Start) -> None:
+        self.count += 1
         host = self._campaign.plan.estate.hosts[start.host]
         self._campaign._set(start.host, Status.RUNNING, stage=start.stage.value)
 

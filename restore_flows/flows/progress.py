@@ -50,6 +50,7 @@ class RunProgress:
         self._every = every
         self._lock = threading.Lock()
         self._rows: dict[str, HostProgress] = {}
+        self._said: set[str] = set()
         states = self._ledger.states()
         self._waves = [w.name for w in the_plan.waves if self._members & set(w.hosts)]
         self._wave_hosts = {w: set(the_plan.wave(w).hosts) for w in self._waves}
@@ -92,8 +93,15 @@ class RunProgress:
         return round(100.0 * len(self._online) / self._total, 1) if self._total else 100.0
 
     def changed(self, item: HostProgress) -> None:
-        if item.status in (Status.FAILED, Status.BLOCKED) and (item.error or item.reason):
+        # Failures once each, as warnings (the terminal shows those); a blocked host is an INFO line
+        # (in the UI's log, not the terminal's): hundreds can be blocked behind one failure, which
+        # the failure's own line and the summary already say.
+        if item.status is Status.FAILED and item.host not in self._said:
+            self._said.add(item.host)
             self._logger.warning("%s: %s", item.host, item.error or item.reason)
+        elif item.status is Status.BLOCKED and item.reason and item.host not in self._said:
+            self._said.add(item.host)
+            self._logger.info("%s: %s", item.host, item.reason)
         with self._lock:
             self._rows[item.host] = item
             if item.status is Status.ONLINE and item.host not in self._online:

@@ -18,6 +18,7 @@ every host resumes from its recorded state.
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -37,7 +38,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilterStateType,
 )
 from prefect.client.schemas.objects import State, StateType
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FailedRun, FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture, wait
 from prefect.input import RunInput
@@ -65,6 +66,24 @@ from restore_flows.ledger.records import RunRecord
 from restore_flows.scheduling.clock import Outcome, Result
 from restore_flows.scheduling.scheduler import Start
 from restore_flows.settings import Settings
+
+
+class _RefusalsEndCleanly(logging.Filter):
+    """A run this module ends Failed on purpose (refused, not approved, hosts failed) makes Prefect's
+    engine log "Engine execution exited with unexpected exception" and its traceback: to people it
+    reads as a crash. Keep the line, with the run's own words and without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FailedRun):
+            record.msg = "the run ended Failed: %s"
+            record.args = (record.exc_info[1],)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+# At import: the served flow's process imports this module before its engine runs the flow.
+logging.getLogger("prefect.flow_runs").addFilter(_RefusalsEndCleanly())
 
 MAX_STAGES_AT_ONCE = 1024
 """Threads of the flows' task runner: how many stages may *run* at once. Waiting takes no thread, and
@@ -166,7 +185,7 @@ def approval_form(waves: Sequence[WaveToApprove], *, several: bool = False) -> t
     """The Resume form: the approver's name and the wave's name typed again; for a campaign
     (``several``), the waves approved now and their names typed again."""
     names = [w.wave for w in waves]
-    shown = "\n\n".join(w.summary for w in waves)
+    shown = " ‖ ".join(one_line(w.summary) for w in waves)
     if not several:
         return create_model(
             "WaveApproval",
@@ -243,18 +262,18 @@ class FormApprover:
     def _ask_all(self, waves: list[WaveToApprove]) -> None:
         logger = get_run_logger()
         left = list(waves)
+        link = run_link()
         try:
             while left:
-                logger.warning(
-                    "approval needed for wave(s) %s: open this run, menu (three dots) -> Resume",
-                    ", ".join(w.wave for w in left),
-                )
+                names = ", ".join(w.wave for w in left)
+                # Resume is in the run page's menu only: say where, in the log and in an artifact.
+                logger.warning("approval needed for wave(s) %s: open %s then ⋮ → Resume", names, link)
                 create_markdown_artifact(
-                    "# Approval needed\n\n"
-                    + "\n\n".join(w.summary for w in left)
-                    + "\n\nOpen this flow run, then **⋮ → Resume**, and fill in the form.\n",
+                    f"# Approval needed: {names}\n\n"
+                    f"Open [this flow run]({link}), then **⋮ → Resume**: type your name and the "
+                    "wave's name. Nothing is wiped before.\n\n" + "\n\n".join(w.summary for w in left) + "\n",
                     key="approval-needed",
-                    description="What will be wiped if this run is approved",
+                    description=f"Approval needed: {names}",
                 )
                 form = approval_form(left, several=self._several)
                 try:
@@ -291,6 +310,20 @@ class FormApprover:
                 left = [w for w in left if w.wave not in chosen]
         finally:
             self._done.set()
+
+
+def run_link() -> str:
+    """This flow run's page in the UI (where its Resume dialog is)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    base = PREFECT_UI_URL.value() or ""
+    return f"{base.rstrip('/')}/flow-runs/flow-run/{runtime.flow_run.id}"
+
+
+def one_line(summary: str) -> str:
+    """The form shows a field's description without its line breaks: keep the list readable anyway."""
+    lines = [line.strip() for line in summary.splitlines() if line.strip()]
+    return " • ".join(line.removeprefix("- ") for line in lines)
 
 
 def _chosen(answer: Any, offered: list[str]) -> list[str] | None:
@@ -339,6 +372,12 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
         else:
             get_run_logger().info("resuming ledger run %s of this flow run", run_id)
         progress = RunProgress(context, the_plan, hosts, time_scale=params.time_scale)
+        create_markdown_artifact(
+            f"[The managers' live view]({settings.dashboard_url(rehearsal)}) (served by `restore up`): "
+            "per wave, site and department, what is online, what blocks it, and when it will be back.\n",
+            key="manager-view",
+            description="Live progress for managers",
+        )
         approver = (
             Automatic()
             if rehearsal and not params.ask_approval
@@ -411,6 +450,10 @@ def _outcome(summary: RunSummary) -> str:
 
 
 def _state(scope: str, summary: RunSummary) -> State[Any]:
+    if summary.ok and summary.stages_started == 0:
+        return Completed(
+            message=f"{scope}: nothing to do, all {len(summary.hosts)} host(s) were online already"
+        )
     if summary.ok:
         return Completed(message=f"{scope}: all {len(summary.hosts)} host(s) online")
     counts = (

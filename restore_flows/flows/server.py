@@ -28,6 +28,10 @@ from restore_flows.errors import RestoreError
 
 TUNED_SERVER_ENV: Mapping[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The new UI bundles an analytics SDK that calls a third party from the browser whatever the
+    # setting above says; the older UI calls nothing. No "Upgrade" button or promotions either.
+    "PREFECT_SERVER_UI_V2_ENABLED": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",
