@@ -242,6 +242,19 @@ def schema(
     _out().print(Text(f"wrote {output}"))
 
 
+@app.command()
+@_handled
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to write inventory/ and schema/.")] = Path("."),
+) -> None:
+    """Start from the sample estate: write its inventory/ and schema/ here (never over existing ones)."""
+    from restore_flows.sample import write_sample
+
+    for written in write_sample(directory):
+        _out().print(Text(f"wrote {written}/"))
+    _out().print(Text("next: edit inventory/, then 'restore validate' and 'restore plan'"))
+
+
 @db_app.command("upgrade")
 @_handled
 def db_upgrade(

@@ -32,11 +32,22 @@ from restore_flows.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
-
 
 class SchemaError(LedgerError):
     """The ledger database is missing, unmigrated or at another revision than this code."""
+
+
+def _alembic_dir() -> Path:
+    """The migrations: inside the installed package (the wheel carries them as
+    ``restore_flows/alembic``), else the checkout's top-level ``alembic/``, where they are kept."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "alembic", package.parent / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SchemaError("the ledger's migrations are missing from this installation (alembic/env.py)")
+
+
+ALEMBIC_DIR = _alembic_dir()
 
 
 def make_engine(url: str, *, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Engine:
