@@ -212,6 +212,13 @@ CASES = [
         "not in the chosen waves: nope",
     ),
     Case(
+        "run-unknown-site",
+        ["run", "core", "--site", "atlantis", "--approver", "A", "--confirm", "core"],
+        _migrated,
+        2,
+        "no site named 'atlantis'",
+    ),
+    Case(
         "run-unmigrated",
         ["run", "core", "--approver", "A", "--confirm", "core"],
         _unmigrated,

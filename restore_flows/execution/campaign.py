@@ -106,6 +106,11 @@ class Selection:
         waves = [w for w in the_plan.waves if not self.waves or w.name in self.waves]
         names = [n for w in waves for n in w.hosts]
         if self.sites:
+            # A mistyped site would otherwise select nothing and the run would say "nothing to do".
+            sites = sorted(the_plan.estate.sites)
+            strange = [s for s in self.sites if s not in the_plan.estate.sites]
+            if strange:
+                raise ValueError(f"no site named {strange[0]!r} (sites: {', '.join(sites)})")
             names = [n for n in names if the_plan.estate.hosts[n].site in self.sites]
         if self.hosts:
             inside = set(names)

@@ -12,12 +12,14 @@ import json
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Scheduled
 from sqlalchemy import select
 
@@ -285,3 +287,61 @@ def test_a_campaign_runs_the_approved_waves_while_the_others_wait(served: Served
     assert [(a.scope, a.approver) for a in ledger.history("ws-lab-01").approvals] == [
         ("lab", "Dr. B. Mensah")
     ]
+
+
+def _logs(served: Served, run_id: UUID) -> list[str]:
+    with api_client(served.server) as client:
+        return [
+            log.message
+            for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        ]
+
+
+def test_refusals_end_cleanly_with_our_words_and_no_traceback(served: Served) -> None:
+    # The server checks the wave against the deployment's dropdown and says which exist.
+    with pytest.raises(
+        PrefectHTTPStatusError, match=r"'nope' is not one of \['core', 'icu', 'lab', 'rest'\]"
+    ):
+        start_run(served, "restore-wave/restore-wave", wave="nope")
+    # Sites and hosts are free text: the flow refuses what the inventory does not have.
+    unknown = start_run(served, "restore-wave/restore-wave", wave="icu", sites=["arll"])
+    state = final_state(served, unknown)
+    assert state.is_failed()
+    assert state.message == "no site named 'arll' (sites: arl)"
+    stranger = start_run(served, "restore-wave/restore-wave", wave="icu", hosts=["ws-lab-01"])
+    state = final_state(served, stranger)
+    assert state.is_failed()
+    assert state.message == "not in the chosen waves: ws-lab-01"
+
+    wrong = start_run(served, "restore-wave/restore-wave", wave="core", ask_approval=True)
+    with api_client(served.server) as client:
+        assert eventually(lambda: (r := client.read_flow_run(wrong)).state and r.state.is_paused(), 120)
+        answer = answer_form(client, wrong, {"approver": "Dr. Ada Osei", "confirm_wave": "icu"})
+        assert answer.status.value == "ACCEPT"  # the form is valid; the names typed do not match
+    state = final_state(served, wrong)
+    assert state.is_failed()
+    assert (state.message or "").startswith("approval refused: the wave names were typed as 'icu'")
+    assert [t.event for t in served.ledger().history("dc-01").transitions] == ["enroll"]
+
+    assert final_state(served, start_run(served, "restore-wave/restore-wave", wave="core")).is_completed()
+    again = start_run(served, "restore-wave/restore-wave", wave="core", ask_approval=True)
+    state = final_state(served, again)
+    assert state.is_completed()
+    assert state.message == "wave core: nothing to do, all 1 host(s) were online already"
+    with api_client(served.server) as client:
+        history = client.read_flow_run_states(again)
+    assert not any(s.is_paused() for s in history)  # nothing to wipe: nobody is asked
+
+    for run_id in (unknown, stranger, wrong):
+        # The engine's own line stays (the run did end Failed), in our words and without a traceback.
+        logs = eventually(
+            lambda r=run_id: (
+                (found := _logs(served, r)) and any("ended Failed" in m for m in found) and found
+            ),
+            30,
+        )
+        assert not [m for m in logs if "Traceback" in m or "unexpected exception" in m], logs
+    served.stop()
+    terminal = served.log.read_text()
+    assert "Traceback" not in terminal, terminal[-4000:]
+    assert "unexpected exception" not in terminal
