@@ -8,6 +8,7 @@ button does, answers approval forms through the API, and checks the ledger and t
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import textwrap
 from collections.abc import Iterator
@@ -332,14 +333,13 @@ def test_refusals_end_cleanly_with_our_words_and_no_traceback(served: Served) ->
         history = client.read_flow_run_states(again)
     assert not any(s.is_paused() for s in history)  # nothing to wipe: nobody is asked
 
+    def ended(run_id: UUID) -> list[str]:
+        found = _logs(served, run_id)
+        return found if any("ended Failed" in m for m in found) else []
+
     for run_id in (unknown, stranger, wrong):
         # The engine's own line stays (the run did end Failed), in our words and without a traceback.
-        logs = eventually(
-            lambda r=run_id: (
-                (found := _logs(served, r)) and any("ended Failed" in m for m in found) and found
-            ),
-            30,
-        )
+        logs = eventually(functools.partial(ended, run_id), 30)
         assert not [m for m in logs if "Traceback" in m or "unexpected exception" in m], logs
     served.stop()
     terminal = served.log.read_text()
