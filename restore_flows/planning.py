@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from restore_flows.inventory.estate import Estate, Host
@@ -45,10 +45,20 @@ class PlannedWave:
 
 
 @dataclass(frozen=True, slots=True)
+class PlannedStep:
+    """A procedure step's place in the plan: the earliest wave that waits for it."""
+
+    name: str
+    wave: str
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     estate: Estate
     waves: tuple[PlannedWave, ...]
     hosts: Mapping[str, PlannedHost]
+    steps: Mapping[str, PlannedStep] = field(default_factory=dict)
+    """Procedure steps by name, in the order written."""
 
     def wave(self, name: str) -> PlannedWave:
         for wave in self.waves:

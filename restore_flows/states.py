@@ -300,6 +300,77 @@ OPERATOR_ONLY = frozenset(e for e, who in SENDERS.items() if who == _OPERATOR)
 NEEDS_REASON = frozenset({E.RECOMPROMISE, E.HOLD, E.SKIP})
 
 
+# --- Procedure steps (forest recovery, credential resets): work that is not one host's pipeline ---
+
+
+class StepState(StrEnum):
+    PENDING = "pending"
+    """Not run yet, or re-armed by an operator: a run may start it once its needs are met."""
+    RUNNING = "running"
+    """A run started its command (or HTTP call)."""
+    DONE = "done"
+    """It ran and its check passed. It never runs again unless an operator re-arms it."""
+    FAILED = "failed"
+    """Its command ran (or may have) and failed, or its check did not pass: an operator decides."""
+    INTERRUPTED = "interrupted"
+    """The run died while it was running: it may have run. Only an operator can re-arm it."""
+
+
+class StepEvent(StrEnum):
+    START = "start"
+    SUCCEED = "succeed"
+    FAIL = "fail"
+    NOT_STARTED = "not_started"
+    INTERRUPT = "interrupt"
+    RETRY = "retry"
+    REARM = "rearm"
+    DONE_BY_HAND = "done_by_hand"
+
+
+P = StepState
+V = StepEvent
+# (state, event) -> next state for procedure steps. A credential reset is not idempotent (two krbtgt
+# resets minutes apart break every Kerberos ticket of the estate): whatever may have run goes to an
+# operator, never back to pending by itself.
+STEP_TRANSITIONS: dict[tuple[StepState, StepEvent], StepState] = {
+    (P.PENDING, V.START): P.RUNNING,
+    (P.RUNNING, V.SUCCEED): P.DONE,  # the command ended well and the check passed
+    (P.RUNNING, V.FAIL): P.FAILED,  # it ran and failed, or its check failed
+    # The command never reached the target (no connection, refused login): nothing ran, try again.
+    (P.RUNNING, V.NOT_STARTED): P.PENDING,
+    # Its run died while it ran: found by the next run, never repeated blindly.
+    (P.RUNNING, V.INTERRUPT): P.INTERRUPTED,
+    # A step the inventory declares repeatable (a check-only or idempotent step) may be run again by
+    # a run after a failure or interruption (ledger rule).
+    (P.FAILED, V.RETRY): P.PENDING,
+    (P.INTERRUPTED, V.RETRY): P.PENDING,
+    # An operator re-arms a step, with a reason: it will run again.
+    (P.DONE, V.REARM): P.PENDING,
+    (P.FAILED, V.REARM): P.PENDING,
+    (P.INTERRUPTED, V.REARM): P.PENDING,
+    # ...or records that it was done by hand (the reset was run from a console), with a reason.
+    (P.PENDING, V.DONE_BY_HAND): P.DONE,
+    (P.FAILED, V.DONE_BY_HAND): P.DONE,
+    (P.INTERRUPTED, V.DONE_BY_HAND): P.DONE,
+}
+STEP_INITIAL = P.PENDING
+STEP_OPERATOR_EVENTS = frozenset({V.REARM, V.DONE_BY_HAND})
+"""Sent by a named person with a reason ('restore decide rearm|done_by_hand STEP')."""
+STEP_STUCK = frozenset({P.FAILED, P.INTERRUPTED})
+"""Nothing more happens to the step until an operator decides (or a run retries a repeatable one)."""
+
+
+def advance_step(state: StepState, event: StepEvent) -> StepState:
+    try:
+        return STEP_TRANSITIONS[(state, event)]
+    except KeyError:
+        allowed = sorted(e.value for (s, e) in STEP_TRANSITIONS if s is state)
+        raise LedgerError(
+            f"step event '{event.value}' is not allowed in state '{state.value}'"
+            + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        ) from None
+
+
 class IllegalTransition(LedgerError, ValueError):
     def __init__(self, state: HostState, event: Event) -> None:
         allowed = sorted(e.value for (s, e) in TRANSITIONS if s is state)
@@ -396,6 +467,28 @@ def render_markdown() -> str:
     for (state, event), target in TRANSITIONS.items():
         lines.append(f"    {state.value} --> {target.value}: {event.value}")
     lines += [f"    {FINAL.value} --> [*]", "```", ""]
+    lines += [
+        "## Procedure steps",
+        "",
+        "Steps of the inventory's `procedures:` (forest recovery, credential resets) have a state",
+        "machine of their own: whatever may have run is never started again without an operator.",
+        "",
+        "| state | meaning |",
+        "| --- | --- |",
+    ]
+    docs = _member_docs(StepState)
+    for step_state in StepState:
+        lines.append(f"| `{step_state.value}` | {' '.join(docs.get(step_state.name, '').split())} |")
+    lines += ["", "| from | event | to |", "| --- | --- | --- |"]
+    for (step_state, step_event), step_target in STEP_TRANSITIONS.items():
+        lines.append(f"| `{step_state.value}` | `{step_event.value}` | `{step_target.value}` |")
+    lines += [
+        "",
+        "- Operator events ("
+        + ", ".join(f"`{e.value}`" for e in sorted(STEP_OPERATOR_EVENTS))
+        + ") need a name and a reason; `retry` is sent by a run only for a step declared `repeatable`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -403,11 +496,10 @@ def _doc_of(state: HostState) -> str | None:
     return _state_docs().get(state)
 
 
-@functools.cache
-def _state_docs() -> dict[HostState, str]:
-    """Member docstrings, read from this module's source (enums keep no per-member docstring)."""
-    tree = ast.parse(inspect.getsource(HostState))
-    docs: dict[HostState, str] = {}
+def _member_docs(enum: type[StrEnum]) -> dict[str, str]:
+    """Member docstrings by member name, read from the source (enums keep no per-member docstring)."""
+    tree = ast.parse(inspect.getsource(enum))
+    docs: dict[str, str] = {}
     body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
     for current, following in itertools.pairwise(body):
         if (
@@ -417,7 +509,13 @@ def _state_docs() -> dict[HostState, str]:
             and isinstance(following.value, ast.Constant)
             and isinstance(following.value.value, str)
         ):
-            docs[HostState[current.targets[0].id]] = following.value.value
+            docs[current.targets[0].id] = following.value.value
+    return docs
+
+
+@functools.cache
+def _state_docs() -> dict[HostState, str]:
+    docs = {HostState[name]: doc for name, doc in _member_docs(HostState).items()}
     for state in FAILED:
         docs.setdefault(state, "The stage failed: an operator decides to `retry` or `skip`.")
     return docs

@@ -9,24 +9,34 @@ the simulated fleet in :mod:`restore_flows.drivers.fake` implements the same pro
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from restore_flows.errors import RestoreError
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
 
+if TYPE_CHECKING:  # procedures.py builds on this module
+    from restore_flows.drivers.procedures import StepOutput
+    from restore_flows.inventory.procedures import ProcedureStep
+
 
 class DriverError(RestoreError):
     """A stage could not be done on a host. ``retryable``: worth another attempt without an operator."""
 
-    def __init__(self, host: str, stage: Stage, detail: str, *, retryable: bool = True) -> None:
+    def __init__(
+        self, host: str, stage: Stage, detail: str, *, retryable: bool = True, command_sent: bool = False
+    ) -> None:
         super().__init__(f"{host}: {stage.value}: {detail}")
         self.host = host
         self.stage = stage
         self.detail = detail
         self.retryable = retryable
+        self.command_sent = command_sent
+        """A remote command was sent before this failed: it may have run (a procedure step that
+        resets a credential is then never started again without an operator)."""
 
 
 class DriverTimeout(DriverError):
@@ -77,6 +87,10 @@ class Fleet(Protocol):
 
         Resume asks this instead of repeating the stage; ``False`` hands the host to an operator.
         """
+        ...
+
+    def run_step(self, step: ProcedureStep, secrets: Mapping[str, str]) -> StepOutput:
+        """A procedure step (:mod:`restore_flows.drivers.procedures`); raises ``StepError``."""
         ...
 
 
@@ -136,7 +150,10 @@ class ShellDriver(Protocol):
     """A remote shell on one host (``ParamikoShell``, ``FakeShell``). Hosts are Windows with OpenSSH and
     PowerShell; commands are built with :func:`restore_flows.drivers.commands.render`, which quotes."""
 
-    def run(self, host: Host, command: str, *, timeout: float) -> CommandResult: ...
+    def run(self, host: Host, command: str, *, timeout: float, stdin: str | None = None) -> CommandResult:
+        """``stdin``: written to the command's standard input, then closed (how a procedure step gets
+        the secrets generated for it: never on its command line)."""
+        ...
 
     def pin_host_key(self, host: Host, host_key: str) -> None:
         """Trust ``host_key`` ('ssh-ed25519 AAAA...') for ``host`` from now on, replacing the old one.

@@ -26,8 +26,10 @@ from restore_flows.drivers.base import (
     Verification,
 )
 from restore_flows.drivers.deployment import DeploymentStatus, Phase
+from restore_flows.drivers.procedures import StepError, StepOutput
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
+from restore_flows.inventory.procedures import ProcedureStep
 from restore_flows.scheduling.durations import draw, planned_minutes
 
 
@@ -43,9 +45,12 @@ class SimulatedFleet:
     """Hosts whose given stage fails on every attempt (for drills and tests)."""
     noise: float = 0.0
     """Each stage takes its planned time times a factor drawn in [1 - noise, 1 + noise]."""
+    broken_steps: frozenset[str] = frozenset()
+    """Procedure steps that fail after their command ran (for drills and tests)."""
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     _attempts: dict[tuple[str, Stage], int] = field(default_factory=dict, init=False)
+    _step_attempts: dict[str, int] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def capture_evidence(self, host: Host) -> Evidence:
@@ -74,6 +79,28 @@ class SimulatedFleet:
     def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
         needed = dt.timedelta(seconds=planned_minutes(host, stage) * 60 * self.time_scale * (1 + self.noise))
         return self.clock() - started_at >= needed
+
+    def run_step(self, step: ProcedureStep, secrets: Mapping[str, str]) -> StepOutput:
+        """A procedure step takes its planned minutes. A ``broken_steps`` step fails after running;
+        the fail rate makes a step fail before it starts (its target unreachable), which a run retries.
+        What the step was given is never kept: the digest is of the step's name and attempt."""
+        with self._lock:
+            attempt = self._step_attempts.get(step.name, 0) + 1
+            self._step_attempts[step.name] = attempt
+        rate = max(self.fail_rates.values(), default=0.0)
+        if rate and draw(self.seed, step.name, "step", attempt, "fail") < rate:
+            raise StepError(step.name, f"simulated: target unreachable (attempt {attempt})", started=False)
+        factor = 1.0
+        if self.noise:
+            factor += self.noise * (2.0 * draw(self.seed, step.name, "step", attempt, "noise") - 1.0)
+        seconds = step.minutes * 60 * self.time_scale * factor
+        if seconds > 0:
+            self.sleep(seconds)
+        if step.name in self.broken_steps:
+            raise StepError(step.name, "simulated failure after the command ran", started=True)
+        digest = hashlib.sha256(f"{self.seed}:{step.name}:{attempt}".encode()).hexdigest()
+        where = ", ".join(step.target_hosts) or "the orchestrator"
+        return StepOutput(digest, f"simulated on {where} ({len(secrets)} secret(s) handed over)")
 
     def seconds(self, host: Host, stage: Stage, attempt: int = 1) -> float:
         factor = 1.0
@@ -162,11 +189,15 @@ class FakeShell:
     responders: list[Callable[[Host, str], CommandResult | None]] = field(default_factory=list)
     host_keys: dict[str, str] = field(default_factory=dict)
     commands: list[tuple[str, str]] = field(default_factory=list)
+    stdin: list[tuple[str, str]] = field(default_factory=list)
+    """(host, what was written to standard input), for commands given any."""
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
-    def run(self, host: Host, command: str, *, timeout: float) -> CommandResult:
+    def run(self, host: Host, command: str, *, timeout: float, stdin: str | None = None) -> CommandResult:
         with self._lock:
             self.commands.append((host.name, command))
+            if stdin is not None:
+                self.stdin.append((host.name, stdin))
         for responder in self.responders:
             result = responder(host, command)
             if result is not None:

@@ -39,12 +39,15 @@ from restore_flows.drivers.base import (
     ShellDriver,
     Verification,
 )
+from restore_flows.drivers.checks import CheckRunner
 from restore_flows.drivers.commands import Dialect, command_line, render
 from restore_flows.drivers.deployment import PROGRESS, Deployment, DeploymentStatus, Phase, wait_for_phase
+from restore_flows.drivers.procedures import LiveSteps, StepOutput
 from restore_flows.drivers.ssh import describe_key, parse_host_key
 from restore_flows.drivers.wol import WakeOnLan
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import RestoreMethod, Stage
+from restore_flows.inventory.procedures import ProcedureStep
 
 
 class Verifier(Protocol):
@@ -154,6 +157,10 @@ class LiveFleet:
         if (host.drivers.network or "command") == "http":
             return self._http_call(host, Stage.RELEASE, self.settings.release_url, "release_url")
         return self._management(host, Stage.RELEASE, self.settings.release_command, "release_command")
+
+    def run_step(self, step: ProcedureStep, secrets: Mapping[str, str]) -> StepOutput:
+        checks = self.checks if isinstance(self.checks, CheckRunner) else CheckRunner(self.shell)
+        return LiveSteps(self.shell, self.hosts, checks).run_step(step, secrets)
 
     def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
         if stage not in (Stage.WIPE, Stage.REIMAGE) or self.deployment is None:

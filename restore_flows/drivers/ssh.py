@@ -361,8 +361,17 @@ class ParamikoShell:
 
     # --- ShellDriver ---
 
-    def run(self, host: Host, command: str, *, timeout: float, stage: Stage | None = None) -> CommandResult:
+    def run(
+        self,
+        host: Host,
+        command: str,
+        *,
+        timeout: float,
+        stage: Stage | None = None,
+        stdin: str | None = None,
+    ) -> CommandResult:
         """Run ``command`` (already rendered for the host's shell) and return its exit status and output.
+        ``stdin`` is written to the command's standard input, then closed.
 
         Raises :class:`DriverTimeout` when the whole of it (waiting for a session slot, connecting,
         running) takes longer than ``timeout`` seconds, :class:`DriverError` otherwise.
@@ -379,7 +388,7 @@ class ParamikoShell:
             if not self._sessions.acquire(timeout=self._remaining(deadline)):
                 raise DriverTimeout(host.name, stage, f"no free SSH session slot within {timeout:g} s")
             try:
-                return self._execute(host, target, slot, command, deadline, timeout, stage)
+                return self._execute(host, target, slot, command, deadline, timeout, stage, stdin)
             finally:
                 self._sessions.release()
         finally:
@@ -427,24 +436,33 @@ class ParamikoShell:
         deadline: float,
         timeout: float,
         stage: Stage,
+        stdin: str | None = None,
     ) -> CommandResult:
         overran = f"command did not finish within {timeout:g} s: channel closed, kill requested"
         channel, connection = self._open_channel(host, target, slot, deadline, stage)
         watch = self._watchdog.watch(channel, deadline)
+        # From exec_command on, the command may run whatever happens next.
+        sent = False
         try:
             try:
+                sent = True
                 channel.exec_command(command)
+                if stdin is not None:
+                    channel.sendall(stdin.encode())
+                    channel.shutdown_write()
                 stdout, stderr, status = self._collect(channel, deadline)
             except _Overran:
                 self._watchdog.finish(watch)
                 _kill_and_close(channel)
-                raise DriverTimeout(host.name, stage, overran) from None
+                raise DriverTimeout(host.name, stage, overran, command_sent=sent) from None
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 if not self._watchdog.finish(watch):
-                    raise DriverTimeout(host.name, stage, overran) from exc
-                raise DriverError(host.name, stage, f"SSH session failed: {_reason(exc)}") from exc
+                    raise DriverTimeout(host.name, stage, overran, command_sent=sent) from exc
+                raise DriverError(
+                    host.name, stage, f"SSH session failed: {_reason(exc)}", command_sent=sent
+                ) from exc
             if not self._watchdog.finish(watch):
-                raise DriverTimeout(host.name, stage, overran)
+                raise DriverTimeout(host.name, stage, overran, command_sent=sent)
         finally:
             _close_quietly(channel)
         if status == -1 and not connection.transport.is_active():
@@ -452,7 +470,10 @@ class ParamikoShell:
                 if slot.connection is connection:
                     self._drop(host, slot, "connection lost during a command")
             raise DriverError(
-                host.name, stage, "connection lost while the command ran; it may or may not have finished"
+                host.name,
+                stage,
+                "connection lost while the command ran; it may or may not have finished",
+                command_sent=True,
             )
         return CommandResult(status, stdout.text(), stderr.text(), stdout.truncated or stderr.truncated)
 

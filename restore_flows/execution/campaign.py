@@ -24,6 +24,7 @@ from restore_flows.drivers.base import Fleet
 from restore_flows.execution.eta import learned_durations
 from restore_flows.execution.stages import StageResult, StageRunner
 from restore_flows.inventory.estate import Host
+from restore_flows.inventory.models import Stage
 from restore_flows.ledger.pools import Request
 from restore_flows.ledger.records import RunRecord
 from restore_flows.ledger.repository import Ledger
@@ -447,11 +448,14 @@ class _Starter:
     def start(self, start: Start) -> None:
         self.count += 1
         host = self._campaign.plan.estate.hosts[start.host]
-        self._campaign._set(start.host, Status.RUNNING, stage=start.stage.value)
+        stage = start.stage
+        # Procedure steps are not scheduled by campaigns yet (no job carries one).
+        assert isinstance(stage, Stage), stage
+        self._campaign._set(start.host, Status.RUNNING, stage=stage.value)
 
         def work() -> Outcome:
             # The stage takes its slots over from the world, and gives them back as it ends.
-            result = self._runner.run(host, start.stage, lambda: self._world.take_claims(start.host))
+            result = self._runner.run(host, stage, lambda: self._world.take_claims(start.host))
             return outcome_of(result, host, self._jobs[start.host], start)
 
         self._campaign.executor.submit(start, work, self._clock.deliver)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from restore_flows.inventory.models import (
     CATCH_ALL,
@@ -23,6 +24,9 @@ from restore_flows.inventory.models import (
     Wave,
 )
 from restore_flows.inventory.yamlsource import Location
+
+if TYPE_CHECKING:  # procedures.py reads GATE_POSITION from here
+    from restore_flows.inventory.procedures import ProcedureStep
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ class Estate:
     pools: Mapping[str, Pool]
     hosts: Mapping[str, Host]
     """In the order the files list them (files sorted by path)."""
+    procedures: Mapping[str, ProcedureStep] = field(default_factory=dict)
+    """Procedure steps by name, in the order written."""
 
     def wave_of_service(self) -> dict[str, int]:
         """Service name -> index of the wave that lists it; '*' maps to the catch-all wave."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from restore_flows.states import HostState
+from restore_flows.states import HostState, StepState
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +125,49 @@ class SyncReport:
     possible_renames: tuple[tuple[str, str], ...] = ()
     """(old, new) pairs that look like a rename; reported, never merged."""
     notes: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    name: str
+    state: StepState
+    attempts: int
+    run_id: str | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    """When it was last done."""
+    error: str | None
+    retired: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StepLogRecord:
+    id: int
+    step: str
+    from_state: StepState | None
+    event: str
+    to_state: StepState
+    attempt: int
+    run_id: str | None
+    actor: str
+    at: dt.datetime
+    output_sha256: str | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RotationRecord:
+    step: str
+    secret: str
+    fingerprint: str
+    run_id: str
+    actor: str
+    at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StepHistory:
+    step: StepRecord
+    log: tuple[StepLogRecord, ...]
+    rotations: tuple[RotationRecord, ...]
+    approvals: tuple[ApprovalRecord, ...]

@@ -60,6 +60,7 @@ from restore_flows.ledger.records import (
     SyncReport,
     TransitionRecord,
 )
+from restore_flows.ledger.steps import Steps
 from restore_flows.ledger.tables import (
     ApprovalRow,
     ApprovedHostRow,
@@ -117,6 +118,8 @@ class Ledger:
         self.stale_seconds = stale_seconds
         """A run not heard from for this long is dead: its hosts and pool slots are taken over."""
         self.slots = Slots(engine, clock, stale_seconds)
+        self.steps = Steps(engine, clock, stale_seconds)
+        """Procedure steps (forest recovery, credential resets): their states, log and rotations."""
         # The state of each host this process holds a lease on, keyed by the lease's fencing token.
         # Only the holder of a token can change the host, so while the token is valid this is the
         # database's state; a write under a stale token fails its guard and takes the slow path.
@@ -220,6 +223,8 @@ class Ledger:
                     changed.append(name)
                     db.execute(update(HOSTS).where(HOSTS.c.name == name).values(**fields, updated_at=now))
         self.slots.sync({name: pool.capacity for name, pool in estate.pools.items()})
+        if only is None:
+            self.steps.sync(estate.procedures)
         renames = _possible_renames({n: existing[n] for n in gone}, {n: wanted[n] for n in new})
         return SyncReport(
             enrolled=tuple(new),

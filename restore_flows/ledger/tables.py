@@ -211,3 +211,68 @@ class PoolClaimRow(Base):
         Index(None, "pool", "released_at", "granted_at"),
         Index(None, "run_id", "released_at"),
     )
+
+
+class StepRow(Base):
+    """A procedure step of the inventory (forest recovery, credential resets) and where it is.
+
+    Starting one is a conditional UPDATE from ``pending`` naming the run: two runs can never both
+    start it, and a run that died while it ran leaves it ``running`` under a dead run, which the next
+    run marks ``interrupted`` for an operator.
+    """
+
+    __tablename__ = "procedure_steps"
+
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The run that last started it."""
+    started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    """When it was last done (its waits count from here)."""
+    output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    retired_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    enrolled_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class StepLogRow(Base):
+    """Append-only, like the transitions of hosts (database triggers refuse updates and deletes)."""
+
+    __tablename__ = "step_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    step: Mapped[str] = mapped_column(ForeignKey("procedure_steps.name"))
+    from_state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    event: Mapped[str] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    actor: Mapped[str] = mapped_column(String(253))
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """SHA-256 of what the command printed (stdout, then stderr): the output itself may hold secrets."""
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (Index(None, "step", "id"),)
+
+
+class SecretRotationRow(Base):
+    """That a step rotated a secret, when, by which run and whose approval: never the secret. Append-only."""
+
+    __tablename__ = "secret_rotations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    step: Mapped[str] = mapped_column(ForeignKey("procedure_steps.name"))
+    secret: Mapped[str] = mapped_column(String(128))
+    """The secret's name as the inventory gives it."""
+    fingerprint: Mapped[str] = mapped_column(String(80))
+    """'sha256:' and the first 16 hex digits of the SHA-256 of the value: enough to match the vault's
+    copy, nothing to recover it from."""
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    actor: Mapped[str] = mapped_column(String(253))
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index(None, "step"),)

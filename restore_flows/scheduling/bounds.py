@@ -3,7 +3,8 @@
 No schedule can beat either of these:
 
 * **the longest dependency chain**: each host's stages one after another, each gated stage no earlier
-  than its dependencies are online, with unlimited capacity;
+  than its dependencies are online (or the stage of a host it needs is done), each procedure step no
+  earlier than its waits allow, with unlimited capacity;
 * **each pool**: no stage using it starts before the earliest any of them can (by the chain), the pool
   then needs its total work divided by its capacity, and the host of the last such stage still has at
   least the shortest work any of them has left after its stage.
@@ -18,6 +19,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from restore_flows.inventory.models import Stage
+from restore_flows.inventory.procedures import milestone
 from restore_flows.scheduling.work import Job
 
 
@@ -36,14 +39,18 @@ def bound(
     capacities: Mapping[str, int],
     online: Iterable[str] = (),
     hosts: Iterable[str] | None = None,
+    done_at: Mapping[str, float] | None = None,
 ) -> Bound:
     """The lower bound for ``hosts`` (default: every job) and what they depend on, in minutes from now.
 
-    ``order`` lists hosts dependencies first (the plan's order); ``online`` are dependencies already met.
+    ``order`` lists hosts and steps dependencies first (``work_order``); ``online`` are dependencies
+    already met; ``done_at``: when steps already done were done (minutes from now, negative), for waits.
     """
     done = set(online)
     chosen = set(jobs) if hosts is None else _with_dependencies(jobs, hosts)
     finish: dict[str, float] = {}
+    reached: dict[str, float] = {}
+    """Milestones (``host@stage``): when that stage of the host ends."""
     earliest: dict[str, float] = {}
     work: dict[str, float] = defaultdict(float)
     after: dict[str, float] = {}
@@ -57,10 +64,17 @@ def bound(
         for dependency, index in job.gates:
             if dependency in done:
                 continue
-            if dependency not in finish:
+            at = finish.get(dependency, reached.get(dependency))
+            if at is None:
                 reachable = False
                 break
-            gated[index] = max(gated[index], finish[dependency])
+            gated[index] = max(gated[index], at)
+        for wait in job.waits:
+            since = finish.get(wait.after)
+            if since is None and done_at is not None:
+                since = done_at.get(wait.after)
+            if since is not None:
+                gated[0] = max(gated[0], since + wait.minutes)
         if not reachable:
             unreachable.append(name)
             continue
@@ -74,6 +88,8 @@ def bound(
                 work[pool] += step.minutes
                 after[pool] = min(after.get(pool, left), left)
             clock += step.minutes
+            if isinstance(step.stage, Stage):
+                reached[milestone(name, step.stage)] = clock
         finish[name] = clock
     if unreachable:
         return Bound(None, f"{unreachable[0]} waits for a host that will not come online")
@@ -98,5 +114,8 @@ def _with_dependencies(jobs: Mapping[str, Job], hosts: Iterable[str]) -> set[str
         if name in chosen:
             continue
         chosen.add(name)
-        stack.extend(d for d, _ in jobs[name].gates if d in jobs and d not in chosen)
+        for dependency, _ in jobs[name].gates:
+            base = dependency.partition("@")[0]
+            if base in jobs and base not in chosen:
+                stack.append(base)
     return chosen

@@ -21,8 +21,16 @@ from restore_flows.scheduling.durations import PLANNED, Durations, draw
 from restore_flows.scheduling.priority import Priorities, PriorityPolicy
 from restore_flows.scheduling.runner import StaticWorld, run
 from restore_flows.scheduling.scheduler import BARRIER, CAMPAIGN, Policy, Scheduler, Start, Status
-from restore_flows.scheduling.work import Job, jobs_for
-from restore_flows.states import HostState
+from restore_flows.scheduling.work import (
+    Job,
+    Phase,
+    ProcedureStage,
+    jobs_for,
+    milestone_facts,
+    steps_for,
+    work_order,
+)
+from restore_flows.states import HostState, StepState
 
 POLICIES: Mapping[str, tuple[Policy, PriorityPolicy]] = {
     # Every wave at once, the stage needed soonest first.
@@ -75,10 +83,16 @@ class Forecast:
     bound: Bound
     waves: Mapping[str, WaveForecast]
     finish: Mapping[str, float]
-    """When each host comes online, minutes from now."""
-    starts: Mapping[tuple[str, Stage], float]
+    """When each host comes online (each procedure step is done), minutes from now."""
+    starts: Mapping[tuple[str, Phase], float]
     """When each host's stage (last attempt) starts, minutes from now."""
     unfinished: Mapping[str, str]
+    steps: tuple[str, ...] = ()
+    """The procedure steps forecast (their times are in ``starts`` and ``finish``)."""
+
+    def step_times(self, name: str) -> tuple[float | None, float | None]:
+        """(start, finish) of a procedure step, minutes from now; None: not in this forecast's future."""
+        return self.starts.get((name, ProcedureStage.STEP)), self.finish.get(name)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +109,15 @@ class Forecast:
                     "will_not_finish": dict(sorted(wave.unfinished.items())[:20]),
                 }
                 for name, wave in self.waves.items()
+            },
+            "procedures": {
+                name: {
+                    "start_minutes": _round(start),
+                    "finish_minutes": _round(finish),
+                    **({"will_not_finish": self.unfinished[name]} if name in self.unfinished else {}),
+                }
+                for name in self.steps
+                for start, finish in (self.step_times(name),)
             },
         }
 
@@ -140,7 +163,7 @@ class Timeline:
     """Records when each stage started and each host came online (the forecast's answer)."""
 
     def __init__(self, jobs: Mapping[str, Job]) -> None:
-        self.starts: dict[tuple[str, Stage], float] = {}
+        self.starts: dict[tuple[str, Phase], float] = {}
         self.finish: dict[str, float] = {}
         self._steps = {name: len(job.steps) for name, job in jobs.items()}
 
@@ -162,11 +185,17 @@ def forecast(
     durations: Durations = PLANNED,
     running: Mapping[str, float] | None = None,
     approved: Iterable[str] | None = None,
+    step_states: Mapping[str, StepState] | None = None,
+    done_at: Mapping[str, float] | None = None,
+    wait_scale: float = 1.0,
 ) -> Forecast:
     """Forecast the restore of ``the_plan`` from ``states`` (default: nothing restored).
 
-    ``running``: hosts whose current stage is running, with the minutes it has run. ``approved``:
-    waves approved (default: all; a forecast of waves still waiting assumes they are approved now).
+    ``running``: hosts (and steps) whose current stage is running, with the minutes it has run.
+    ``approved``: waves approved (default: all; a forecast of waves still waiting assumes they are
+    approved now, and steps that need a named approval get it when due). ``step_states``: of the
+    procedure steps (default: none run); ``done_at``: when steps done were done (minutes from now,
+    negative): their waits count from there. ``wait_scale``: a time-scaled rehearsal's scale.
     """
     options = what_if or WhatIf()
     if options.policy not in POLICIES:
@@ -184,17 +213,28 @@ def forecast(
         gated = _gated_everything(the_plan, options.gate_everything_before)
     all_jobs, stuck_states = jobs_for(gated, every, states, evidence, durations)
     jobs = {name: all_jobs[name] for name in members if name in all_jobs}
+    chosen_steps = [n for n, planned in the_plan.steps.items() if planned.wave in chosen]
+    step_jobs, stuck_steps, done_steps = steps_for(
+        the_plan, the_plan.steps, step_states, durations, wait_scale
+    )
+    all_jobs.update(step_jobs)
+    jobs.update({name: step_jobs[name] for name in chosen_steps if name in step_jobs})
     online = {name for name, state in states.items() if state is HostState.ONLINE}
     online |= {name for name, job in all_jobs.items() if not job.steps}
+    online |= done_steps
+    reached, unreachable = milestone_facts(the_plan, jobs, states)
+    online |= reached
     capacities = {name: pool.capacity for name, pool in the_plan.estate.pools.items()}
     capacities.update(options.capacity)
     # Outside the chosen waves only what is online counts: a '--wave' forecast, like a '--wave'
     # rehearsal, waits for nothing else.
     stuck = {name: f"is {state.value}" for name, state in stuck_states.items()}
+    stuck.update(stuck_steps)
+    stuck.update(unreachable)
     stuck.update(
         {
             n: "is not in the waves forecast"
-            for n in every
+            for n in [*every, *the_plan.steps]
             if n not in jobs and n not in online and n not in stuck
         }
     )
@@ -207,6 +247,8 @@ def forecast(
         approved=None if approved is None else {wave_index[w] for w in approved if w in wave_index},
         policy=replace(base, max_hosts=options.max_hosts),
         stuck=stuck,
+        steps=the_plan.steps,
+        done_at=done_at,
     )
     timeline = _play(scheduler, jobs, options, running or {})
     left = {name: scheduler.why(name) for name in scheduler.unfinished()}
@@ -218,8 +260,12 @@ def forecast(
         }
     )
     left.update({n: f"is {s.value}" for n, s in stuck_states.items() if n in members})
+    left.update({n: why for n, why in stuck_steps.items() if n in chosen_steps})
+    order = work_order(the_plan)
     waves = {
-        wave.name: _wave(wave.name, list(wave.hosts), jobs, timeline, left, online, states, every, capacities)
+        wave.name: _wave(
+            wave.name, list(wave.hosts), jobs, timeline, left, online, states, order, capacities, done_at
+        )
         for wave in the_plan.waves
         if wave.name in chosen
     }
@@ -227,11 +273,12 @@ def forecast(
     return Forecast(
         options.policy,
         makespan,
-        bound(jobs, every, capacities, online),
+        bound(jobs, order, capacities, online, done_at=done_at),
         waves,
         timeline.finish,
         timeline.starts,
         left,
+        tuple(chosen_steps),
     )
 
 
@@ -267,6 +314,7 @@ def _wave(
     states: Mapping[str, HostState],
     order: list[str],
     capacities: Mapping[str, int],
+    done_at: Mapping[str, float] | None,
 ) -> WaveForecast:
     unfinished = {n: left[n] for n in hosts if n in left}
     finish = None if unfinished else max((timeline.finish.get(n, 0.0) for n in hosts), default=0.0)
@@ -275,7 +323,7 @@ def _wave(
         len(hosts),
         sum(1 for n in hosts if states.get(n) is HostState.ONLINE),
         finish,
-        bound(jobs, order, capacities, online, hosts=[n for n in hosts if n in jobs]),
+        bound(jobs, order, capacities, online, hosts=[n for n in hosts if n in jobs], done_at=done_at),
         unfinished,
     )
 

@@ -8,7 +8,7 @@ A step's priority is, in order:
    need waits with the offices. A first-wave host nothing depends on keeps the first wave's rank;
 2. **the longest chain of work still behind the step**: its own remaining stages, then the longest
    chain among the hosts it gates (from the stage it gates onwards), so that what holds most work back
-   starts first;
+   starts first; a procedure step's waits count as work behind what they wait for;
 3. the plan's order.
 
 The ``plan`` policy ranks by the plan's order alone (earlier wave, then start order), as the restore
@@ -21,8 +21,9 @@ from collections import defaultdict
 from collections.abc import Mapping
 from enum import StrEnum
 
+from restore_flows.inventory.procedures import split_milestone
 from restore_flows.planning import Plan
-from restore_flows.scheduling.work import Job
+from restore_flows.scheduling.work import Job, work_order
 
 Key = tuple[int, float, int]
 
@@ -35,41 +36,71 @@ class PriorityPolicy(StrEnum):
 class Priorities:
     def __init__(self, the_plan: Plan, jobs: Mapping[str, Job], policy: PriorityPolicy) -> None:
         waves = {wave.name: index for index, wave in enumerate(the_plan.waves)}
-        order = [name for wave in the_plan.waves for name in wave.hosts]
+        order = work_order(the_plan)
         self.order = {name: index for index, name in enumerate(order)}
         self.policy = policy
-        hosts = the_plan.estate.hosts
+        estate = the_plan.estate
+        # What each host or step is waited for by: hosts that depend on it, steps that need it (or a
+        # stage of it), hosts a step gates.
         dependents: dict[str, list[str]] = defaultdict(list)
-        for name in order:
-            for dependency in hosts[name].depends_on:
+        for name, host in estate.hosts.items():
+            for dependency in host.depends_on:
                 dependents[dependency].append(name)
-        # Dependents before their dependencies: the plan's order reversed (it puts dependencies first).
+        for step in estate.procedures.values():
+            for need in step.needs:
+                dependents[need.name].append(step.name)
+            dependents[step.name].extend(step.gated_hosts())
+        last = len(waves) - 1
+        # Dependents before their dependencies: the work order reversed (it puts dependencies first).
         self.need: dict[str, int] = {}
         for name in reversed(order):
-            own = waves[the_plan.hosts[name].own_wave]
-            needed = [self.need[d] for d in dependents[name]]
+            planned = the_plan.hosts.get(name)
+            # First-wave infrastructure is restored as far as it is needed: with whoever needs it, and
+            # what nothing needs (a second domain controller) with the last wave; so is a step.
+            own = waves[planned.own_wave] if planned is not None else last
             if own == 0:
-                # First-wave infrastructure is restored as far as it is needed: with whoever needs
-                # it, and what nothing needs (a second domain controller) with the last wave.
-                own = len(waves) - 1
+                own = last
+            needed = [self.need[d] for d in dependents[name]]
             self.need[name] = min([own, *needed])
+        # Who waits for what, among the jobs: on a name (online, done) or on a milestone of it.
+        waiting: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        milestones: dict[str, list[str]] = defaultdict(list)
+        for other, gated in jobs.items():
+            for dependency, index in gated.gates:
+                waiting[dependency].append((other, index))
+                parsed = split_milestone(dependency)
+                if parsed is not None and dependency not in milestones[parsed[0]]:
+                    milestones[parsed[0]].append(dependency)
+        held: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        for other, held_job in jobs.items():
+            for wait in held_job.waits:
+                held[wait.after].append((other, wait.minutes))
         self.tails: dict[str, tuple[float, ...]] = {}
         for name in reversed(order):
             job = jobs.get(name)
             if job is None:
                 continue
             behind = 0.0
-            for dependent in dependents[name]:
-                other = jobs.get(dependent)
-                if other is None:
+            for other, index in waiting.get(name, ()):
+                if other in self.tails:
+                    behind = max(behind, self.tails[other][index])
+            for other, minutes in held.get(name, ()):
+                if other in self.tails:
+                    behind = max(behind, minutes + self.tails[other][0])
+            # Work that waits for a stage of this host counts from the end of that stage.
+            after_step: dict[int, float] = {}
+            for key in milestones.get(name, ()):
+                stage = key.partition("@")[2]
+                at = next((i for i, s in enumerate(job.steps) if s.stage.value == stage), None)
+                if at is None:
                     continue
-                gated = next((index for dep, index in other.gates if dep == name), None)
-                if gated is not None:
-                    behind = max(behind, self.tails[dependent][gated])
+                for other, index in waiting[key]:
+                    if other in self.tails:
+                        after_step[at] = max(after_step.get(at, 0.0), self.tails[other][index])
             tail: list[float] = []
             running = behind
-            for step in reversed(job.steps):
-                running += step.minutes
+            for at in reversed(range(len(job.steps))):
+                running = max(running, after_step.get(at, 0.0)) + job.steps[at].minutes
                 tail.append(running)
             tail.reverse()
             self.tails[name] = (*tail, behind)

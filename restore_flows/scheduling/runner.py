@@ -149,7 +149,7 @@ def _apply(
 ) -> None:
     host = start.host
     if outcome.result is Result.DONE:
-        scheduler.finished(host, outcome.next_step)
+        scheduler.finished(host, outcome.next_step, at=now)
     elif outcome.result is Result.FAILED:
         failures[(host, start.step)] += 1
         count = failures[(host, start.step)]

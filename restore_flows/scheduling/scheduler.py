@@ -9,12 +9,17 @@ A host's next stage starts when, in this order:
 
 1. every dependency that gates it is online (a dependency that failed, or is blocked, blocks it and,
    through it, whatever depends on it; everything else carries on);
-2. its wave is approved;
-3. with the ``barrier`` policy, every earlier wave is finished (SRM-style waves, for comparison);
-4. its retry back-off, if any, has passed;
-5. with ``max_hosts``, the host is one of the hosts in flight (a host counts from its first stage to
+2. for a procedure step: its waits after other steps have passed;
+3. its wave is approved;
+4. with the ``barrier`` policy, every earlier wave is finished (SRM-style waves, for comparison);
+5. for a procedure step that needs one: its named approval, asked for only now that it is due;
+6. its retry back-off, if any, has passed;
+7. with ``max_hosts``, the host is one of the hosts in flight (a host counts from its first stage to
    its last, as the restore did before: for comparison);
-6. each pool it needs has a free slot, and no better stage is waiting for that slot.
+8. each pool it needs has a free slot, and no better stage is waiting for that slot.
+
+Procedure steps are jobs like hosts (see :mod:`restore_flows.scheduling.work`); a milestone
+(``host@stage``) is reached when that host's job gets past the stage.
 
 No host holds anything while it waits: only a running stage holds pool slots.
 """
@@ -24,13 +29,13 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from restore_flows.inventory.models import Stage
+from restore_flows.inventory.procedures import split_milestone
 from restore_flows.scheduling.priority import Key, Priorities
-from restore_flows.scheduling.work import Job
+from restore_flows.scheduling.work import Job, Phase, Wait, milestones_of
 
 
 class Status(StrEnum):
@@ -66,7 +71,7 @@ BARRIER = Policy(barrier=True)
 class Start:
     host: str
     step: int
-    stage: Stage
+    stage: Phase
     pools: tuple[str, ...]
     minutes: float
     priority: int
@@ -84,10 +89,16 @@ class Scheduler:
         approved: Iterable[int] | None = None,
         policy: Policy = CAMPAIGN,
         stuck: Mapping[str, str] | None = None,
+        steps: Iterable[str] = (),
+        done_at: Mapping[str, float] | None = None,
+        approved_steps: Iterable[str] | None = None,
     ) -> None:
-        """``jobs``: the hosts this scheduler drives. ``online``: hosts (in or outside the jobs) already
-        online. ``approved``: wave indexes approved (None: all). ``stuck``: hosts outside the jobs that
-        will not come online without an operator, with why."""
+        """``jobs``: the hosts (and procedure steps) this scheduler drives. ``online``: hosts, steps
+        and milestones (in or outside the jobs) already online or done. ``approved``: wave indexes
+        approved (None: all). ``stuck``: hosts outside the jobs that will not come online without an
+        operator, with why. ``steps``: the names of every procedure step (for words: a step is "done",
+        a host "online"). ``done_at``: when steps already done were done, in this clock's minutes (a
+        wait counts from there). ``approved_steps``: steps given their named approval (None: all)."""
         self.jobs = jobs
         self.priorities = priorities
         self.policy = policy
@@ -125,6 +136,22 @@ class Scheduler:
         # Hosts waiting for a dependency whose next stage needs a pool: a slot may be kept for them.
         self._gated_on_pool: dict[str, set[str]] = defaultdict(set)
         self._held_back = False
+        self.step_names = set(steps) | {name for name, job in jobs.items() if job.is_step}
+        self._time = 0.0
+        """The latest time the runner told (``decide``, ``finished``): when something got done."""
+        self._done_at: dict[str, float] = dict(done_at or {})
+        self._wait_until: dict[str, tuple[float, Wait]] = {}
+        self.approved_steps: set[str] | None = None if approved_steps is None else set(approved_steps)
+        self._awaiting_steps: set[str] = set()
+        self.time_label: Callable[[float], str] = lambda minutes: f"minute {minutes:.0f}"
+        """How ``why`` names a time of this clock (the campaign sets wall-clock time)."""
+        wanted = {dependency for job in jobs.values() for dependency, _ in job.gates}
+        self._milestones = {host: sorted(found) for host, found in milestones_of(jobs, wanted).items()}
+        for name in wanted:
+            parsed = split_milestone(name)
+            if parsed is not None and parsed[0] in jobs and parsed[0] not in self._milestones:
+                # The host's job no longer has the stage: it was done before this scheduler.
+                self.online.add(name)
 
         self._prepare()
 
@@ -157,6 +184,7 @@ class Scheduler:
 
     def decide(self, now: float) -> list[Start]:
         """The stages to start now, best first. They count as running until ``finished``/``failed``."""
+        self._time = max(self._time, now)
         while self._timers and self._timers[0][0] <= now:
             _, _, name = heapq.heappop(self._timers)
             if self.status[name] is Status.PENDING and self._not_before.get(name, 0.0) <= now:
@@ -190,8 +218,11 @@ class Scheduler:
             self._unready(host)
         return self._start(host, 0.0)
 
-    def finished(self, host: str, next_step: int | None = None) -> None:
-        """The running stage ended well; the host continues at ``next_step`` (default: the next one)."""
+    def finished(self, host: str, next_step: int | None = None, at: float | None = None) -> None:
+        """The running stage ended well; the host continues at ``next_step`` (default: the next one).
+        ``at``: when (what waits for it counts from there; default: the last ``decide``)."""
+        if at is not None:
+            self._time = max(self._time, at)
         self._stop_running(host)
         step = self.pos[host] + 1 if next_step is None else next_step
         self._move(host, step)
@@ -241,10 +272,12 @@ class Scheduler:
         self.status[host] = Status.PENDING
         self._try_ready(host, None)
 
-    def outside_online(self, host: str) -> None:
-        """A host outside the jobs came online."""
+    def outside_online(self, host: str, at: float | None = None) -> None:
+        """A host (or step, or milestone) outside the jobs came online; ``at``: when, if known."""
         if host not in self.online and host not in self.jobs:
             self.dead.pop(host, None)
+            if at is not None:
+                self._done_at[host] = at
             self._now_online(host)
 
     def outside_stuck(self, host: str, why: str) -> None:
@@ -252,6 +285,25 @@ class Scheduler:
         if host not in self.jobs and host not in self.online and host not in self.dead:
             self.dead[host] = why
             self._block_dependents(host)
+
+    def approve_step(self, name: str) -> None:
+        """A procedure step got its named approval."""
+        if self.approved_steps is None or name in self.approved_steps:
+            return
+        self.approved_steps.add(name)
+        if name in self._awaiting_steps:
+            self._awaiting_steps.discard(name)
+            if self.status[name] is Status.PENDING:
+                self._try_ready(name, None)
+
+    def steps_awaiting_approval(self) -> list[str]:
+        """Procedure steps that are due (needs met, waits over) and wait only for their approval."""
+        return sorted(n for n in self._awaiting_steps if self.status[n] is Status.PENDING)
+
+    def done_at(self, name: str) -> float | None:
+        """When a host came online or a step was done, in this clock's minutes (None: not yet, or
+        before this scheduler without a known time)."""
+        return self._done_at.get(name)
 
     def approve(self, wave: int) -> None:
         if self.approved is None or wave in self.approved:
@@ -277,7 +329,7 @@ class Scheduler:
         return self._timers[0][0] if self._timers else None
 
     def busy(self) -> bool:
-        """Something runs or will become ready by itself (a back-off)."""
+        """Something runs or will become ready by itself (a back-off, a wait)."""
         return self.running > 0 or bool(self._timers) or bool(self._active)
 
     def unfinished(self) -> list[str]:
@@ -346,19 +398,35 @@ class Scheduler:
             first = unmet[0]
             note = self.notes.get(first)
             return (
-                f"waiting for {first} to be online before {step.stage.value}"
+                f"waiting for {self._awaited(first)} before {step.stage.value}"
                 + (f" (and {len(unmet) - 1} more)" if len(unmet) > 1 else "")
                 + (f": {note}" if note else "")
+            )
+        if host in self._wait_until and self._wait_until[host][0] > self._time:
+            until, wait = self._wait_until[host]
+            return (
+                f"waiting until {self.time_label(until)}: {_duration(wait.minutes)} after {wait.after} "
+                f"({wait.reason})"
             )
         if self.approved is not None and job.wave not in self.approved:
             return "waiting for the wave's approval"
         if self.policy.barrier and job.wave > self._current_wave:
             return "waiting for the earlier waves to finish (barrier)"
+        if host in self._awaiting_steps:
+            return f"waiting for a named approval of step {host}"
         if host in self._not_before:
             return f"retrying {step.stage.value} after a back-off"
         if self.policy.max_hosts is not None and host not in self._admitted:
             return f"waiting for one of the {self.policy.max_hosts} places in flight"
         return "pending"
+
+    def _awaited(self, name: str) -> str:
+        parsed = split_milestone(name)
+        if parsed is not None:
+            return f"{parsed[0]} to finish {parsed[1].value}"
+        if name in self.step_names:
+            return f"step {name} to be done"
+        return f"{name} to be online"
 
     def pool_use(self, pool: str) -> tuple[int, int]:
         """(slots used by this scheduler's stages, by others) of a pool."""
@@ -464,6 +532,9 @@ class Scheduler:
         job = self.jobs[name]
         self.status[name] = Status.PENDING
         self._not_before.pop(name, None)
+        for index, key in self._milestones.get(name, ()):
+            if index < step and key not in self.online:
+                self._now_online(key)
         if step >= len(job.steps):
             self.pos[name] = len(job.steps)
             self._end(name, Status.DONE, "online")
@@ -505,11 +576,20 @@ class Scheduler:
             return
         for pool in job.steps[self.pos[name]].pools:
             self._gated_on_pool[pool].discard(name)
+        if job.waits:
+            until = self._wait_end(job)
+            if until is not None and (now is None or until > now):
+                # Checked again when the timer fires (``decide``), with the time then.
+                heapq.heappush(self._timers, (until, next(self._seq), name))
+                return
         if self.approved is not None and job.wave not in self.approved:
             self._awaiting[job.wave].append(name)
             return
         if self.policy.barrier and job.wave > self._current_wave:
             self._barrier_wait[job.wave].append(name)
+            return
+        if job.approval and self.approved_steps is not None and name not in self.approved_steps:
+            self._awaiting_steps.add(name)
             return
         not_before = self._not_before.get(name)
         if not_before is not None and (now is None or not_before > now):
@@ -531,6 +611,18 @@ class Scheduler:
         heapq.heappush(self._ready[group], (self.priorities.key(name, self.pos[name]), name))
         if self._fits(group):
             self._active.add(group)
+
+    def _wait_end(self, job: Job) -> float | None:
+        """The time the job's waits end (None: none applies), remembered for ``why``."""
+        latest: tuple[float, Wait] | None = None
+        for wait in job.waits:
+            done = self._done_at.get(wait.after)
+            if done is not None and (latest is None or done + wait.minutes > latest[0]):
+                latest = (done + wait.minutes, wait)
+        if latest is None:
+            return None
+        self._wait_until[job.host] = latest
+        return latest[0]
 
     def _end(self, name: str, status: Status, why: str) -> None:
         self._settle(name, status, why)
@@ -568,6 +660,7 @@ class Scheduler:
 
     def _now_online(self, name: str) -> None:
         self.online.add(name)
+        self._done_at.setdefault(name, self._time)
         for dependent, index in self._dependents.get(name, ()):
             if self.status.get(dependent) is Status.PENDING and index <= self.pos[dependent]:
                 self._unmet[dependent] -= 1
@@ -576,7 +669,7 @@ class Scheduler:
 
     def _block_dependents(self, name: str) -> None:
         # Iterative: a chain of thousands of hosts must not exhaust the interpreter's stack.
-        todo = [name]
+        todo = [name, *self._lost_milestones(name)]
         while todo:
             current = todo.pop()
             why = self.dead[current]
@@ -587,6 +680,16 @@ class Scheduler:
                         self._unready(dependent)
                     self._settle(dependent, Status.BLOCKED, f"blocked: {current} {_short(why)}")
                     todo.append(dependent)
+                    todo.extend(self._lost_milestones(dependent))
+
+    def _lost_milestones(self, name: str) -> list[str]:
+        """The milestones a host that stopped will not reach, marked dead (with its reason)."""
+        lost = []
+        for _, key in self._milestones.get(name, ()):
+            if key not in self.online and key not in self.dead:
+                self.dead[key] = self.dead.get(name, "stopped")
+                lost.append(key)
+        return lost
 
     def _advance_barrier(self) -> None:
         waves = sorted(w for w, left in self._left_in_wave.items() if left > 0)
@@ -601,3 +704,9 @@ class Scheduler:
 
 def _short(why: str) -> str:
     return why.removeprefix("blocked: ")
+
+
+def _duration(minutes: float) -> str:
+    if minutes >= 60 and minutes % 60 == 0:
+        return f"{minutes / 60:g} h"
+    return f"{minutes:g} min"
