@@ -36,11 +36,11 @@ from restore_flows.inventory.loader import LoadResult, load_inventory
 from restore_flows.inventory.schema import write_schema
 from restore_flows.ledger import db as ledger_db
 from restore_flows.ledger.db import SchemaError
-from restore_flows.ledger.status import history_report
+from restore_flows.ledger.status import history_report, step_history_report
 from restore_flows.planning import Plan
 from restore_flows.planning import plan as make_plan
 from restore_flows.settings import Settings
-from restore_flows.states import OPERATOR_EVENTS, Event
+from restore_flows.states import OPERATOR_EVENTS, STEP_OPERATOR_EVENTS, Event
 
 app = typer.Typer(
     name="restore",
@@ -345,8 +345,17 @@ def history(
     as_json: JsonFlag = False,
     rehearsal: RehearsalFlag = False,
 ) -> None:
-    """What was done to one host, by which run, with whose approval, and what evidence was kept."""
+    """What was done to one host (or procedure step), by which run, with whose approval, and what
+    evidence was kept (for a step: which secrets it rotated, by fingerprint)."""
     with _context(rehearsal) as context:
+        if host in context.ledger.steps.states():
+            report = step_history_report(context.ledger.steps.history(host))
+            if as_json:
+                json.dump(report, sys.stdout, indent=1)
+                sys.stdout.write("\n")
+            else:
+                render.step_history(_out(), report)
+            return
         report = history_report(context.ledger.history(host))
     if as_json:
         json.dump(report, sys.stdout, indent=1)
@@ -384,7 +393,10 @@ def evidence_add(
 
 
 OperatorEvent = typer.Argument(
-    help="The decision: " + ", ".join(sorted(e.value for e in OPERATOR_EVENTS)),
+    help="The decision: "
+    + ", ".join(sorted(e.value for e in OPERATOR_EVENTS))
+    + "; for a procedure step: "
+    + ", ".join(sorted(e.value for e in STEP_OPERATOR_EVENTS)),
 )
 
 
@@ -392,12 +404,27 @@ OperatorEvent = typer.Argument(
 @_handled
 def decide(
     event: Annotated[str, OperatorEvent],
-    host: Annotated[str, typer.Argument(help="Host name.")],
+    host: Annotated[str, typer.Argument(help="Host name, or procedure step name for rearm/done_by_hand.")],
     actor: Annotated[str, typer.Option("--actor", help="Your name: recorded in the ledger.")],
-    reason: Annotated[str | None, typer.Option(help="Why (required for hold, skip, recompromise).")] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="Why (required for hold, skip, recompromise, rearm, done_by_hand).")
+    ] = None,
     inventory: InventoryOption = Path("inventory"),
 ) -> None:
-    """An operator's decision on one host: retry or skip a failed stage, hold, release, recompromise."""
+    """An operator's decision on one host (retry or skip a failed stage, hold, release, recompromise)
+    or on one procedure step (rearm: run it again; done_by_hand: it was done outside the product)."""
+    step_event = next((e for e in STEP_OPERATOR_EVENTS if e.value == event), None)
+    if step_event is not None:
+        if not reason or not reason.strip():
+            raise UsageError(f"{event} needs --reason: a step that may have run is re-armed only with a why")
+        estate = _estate(inventory)
+        if host not in estate.procedures:
+            raise UsageError(f"no procedure step named {host!r} in the inventory")
+        with _context() as context:
+            context.ledger.steps.sync(estate.procedures)
+            step_state = context.ledger.steps.decide(host, step_event, actor=actor, reason=reason)
+        _out().print(Text(f"step {host}: {step_event.value} by {actor} -> {step_state.value}"))
+        return
     try:
         chosen = Event(event)
     except ValueError:
@@ -405,7 +432,9 @@ def decide(
     if chosen not in OPERATOR_EVENTS:
         raise UsageError(
             f"'{event}' is not an operator decision; choose one of "
-            + ", ".join(sorted(e.value for e in OPERATOR_EVENTS))
+            + ", ".join(
+                sorted([*(e.value for e in OPERATOR_EVENTS), *(e.value for e in STEP_OPERATOR_EVENTS)])
+            )
         )
     assert chosen is not None
     with _context() as context:
@@ -507,6 +536,14 @@ def run_live(
     ] = "",
     site: Annotated[list[str] | None, typer.Option("--site", help="Only these sites (repeat).")] = None,
     host: Annotated[list[str] | None, typer.Option("--host", help="Only these hosts (repeat).")] = None,
+    approve_step: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--approve-step",
+            help="A procedure step of the wave that needs a named approval, approved by --approver (repeat). "
+            "A step due without one is not run: the run ends saying so.",
+        ),
+    ] = None,
 ) -> None:
     """A live restore of one wave on real machines: wipe, reimage, verify and release, recorded in the ledger.
 
@@ -532,6 +569,13 @@ def run_live(
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         _out().print(Text(approval_summary(the_plan, hosts, context.ledger, wave)))
+        steps = selection.steps(the_plan)
+        strange = [s for s in approve_step or () if s not in steps]
+        if strange:
+            raise UsageError(
+                f"--approve-step {strange[0]}: not a procedure step of this run "
+                f"(its steps: {', '.join(steps) or 'none'})"
+            )
         if not approver.strip() or confirm.strip() != wave:
             raise UsageError(
                 f"nothing was done: a live run needs --approver 'FULL NAME' and --confirm {wave} "
@@ -545,11 +589,14 @@ def run_live(
                 selection,
                 mode="live",
                 actor=f"cli:{approver.strip()}",
-                approver=Named(approver.strip()),
+                approver=Named(approver.strip(), approve_step or ()),
                 settings=CampaignSettings.from_settings(settings),
             )
     out = _out()
     out.print(Text(f"run {run_id}: {summary.count(Status.ONLINE)} of {len(summary.hosts)} host(s) online"))
+    for step in summary.steps.values():
+        said = step.error or step.reason or ""
+        out.print(Text(f"  step {step.step}: {step.status.value} {said}".rstrip()))
     for progress in sorted(summary.hosts.values(), key=lambda p: p.host):
         if progress.status is not Status.ONLINE:
             why = progress.error or progress.reason or ""

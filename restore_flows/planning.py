@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from restore_flows.inventory.estate import Estate, Host
 from restore_flows.inventory.models import CATCH_ALL, HostKind
+from restore_flows.inventory.procedures import ShellAction
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,8 @@ class PlannedStep:
 
     name: str
     wave: str
+    pulled_forward_by: str | None = None
+    """The host (or step) of an earlier wave that waits for it, or None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,11 @@ class Plan:
     hosts: Mapping[str, PlannedHost]
     steps: Mapping[str, PlannedStep] = field(default_factory=dict)
     """Procedure steps by name, in the order written."""
+
+    def wave_of(self, name: str) -> str:
+        """The wave of a host or of a procedure step."""
+        planned = self.hosts.get(name)
+        return planned.wave if planned is not None else self.steps[name].wave
 
     def wave(self, name: str) -> PlannedWave:
         for wave in self.waves:
@@ -102,6 +110,30 @@ class Plan:
                 for name in wave.hosts
                 for planned in (self.hosts[name],)
             },
+            "procedures": [self._step_json(name) for name in self.steps],
+        }
+
+    def _step_json(self, name: str) -> dict[str, Any]:
+        step = self.estate.procedures[name]
+        action = step.action
+        return {
+            "name": name,
+            "wave": self.steps[name].wave,
+            "description": step.description,
+            "runs_on": list(action.hosts) if isinstance(action, ShellAction) else None,
+            "http": None if isinstance(action, ShellAction) else f"{action.method} {action.url}",
+            "needs": [{"host": n.name, "stage": n.stage.value} if n.stage else n.name for n in step.needs],
+            "not_before": [
+                {"step": w.step, "after_minutes": w.minutes, "reason": w.reason} for w in step.waits
+            ],
+            "gates": [
+                {"selector": g.selector, "before": g.before.value, "hosts": len(g.hosts)} for g in step.gates
+            ],
+            "approval": step.approval,
+            "minutes": step.minutes,
+            "generates": list(step.generates),
+            "repeatable": step.repeatable,
+            "pulled_forward_by": self.steps[name].pulled_forward_by,
         }
 
 
@@ -136,22 +168,39 @@ def plan(estate: Estate) -> Plan:
     for name, host in hosts.items():
         listed = [service_wave[s] for s in host.services if s in service_wave]
         own[name] = min(listed) if listed else catch_all
+    wave_index = {wave.name: index for index, wave in enumerate(waves)}
+    # Procedure steps are nodes too: a step is a dependency of what it gates and depends on what it
+    # needs, so the hosts it needs are pulled into the wave of the first host that waits for it.
+    depends_on: dict[str, Sequence[str]] = {name: host.depends_on for name, host in hosts.items()}
+    for step in estate.procedures.values():
+        depends_on[step.name] = tuple(dict.fromkeys(need.name for need in step.needs))
+        # A wave's gate: its hosts are not known yet; the step must be done by that wave.
+        own[step.name] = min((wave_index[g.wave] for g in step.gates if g.wave), default=catch_all)
+    for step in estate.procedures.values():
+        needed = {need.name for need in step.needs}
+        for gated in step.gated_hosts():
+            if gated in needed:
+                # It needs an earlier stage of the host it gates (the DC it cleans up before release):
+                # no cycle, but the step belongs to that host's wave at the latest.
+                own[step.name] = min(own[step.name], own[gated])
+            else:
+                depends_on[gated] = (*depends_on[gated], step.name)
 
-    dependents: dict[str, list[str]] = {name: [] for name in hosts}
-    for name, host in hosts.items():
-        for dependency in host.depends_on:
+    dependents: dict[str, list[str]] = {name: [] for name in depends_on}
+    for name, dependencies in depends_on.items():
+        for dependency in dependencies:
             dependents[dependency].append(name)
 
     # Dependents before their dependencies (Kahn's algorithm over "is depended on by"), so that a
     # host's wave is final before it is pushed down to what it depends on.
     assigned = dict(own)
     pulled_by: dict[str, str] = {}
-    waiting = {name: len(dependents[name]) for name in hosts}
+    waiting = {name: len(dependents[name]) for name in depends_on}
     ready = [name for name, count in waiting.items() if count == 0]
     while ready:
         name = ready.pop()
         wave = assigned[name]
-        for dependency in hosts[name].depends_on:
+        for dependency in depends_on[name]:
             current = assigned[dependency]
             better = wave < current or (
                 wave == current and dependency in pulled_by and name < pulled_by[dependency]
@@ -191,7 +240,27 @@ def plan(estate: Estate) -> Plan:
         )
         for index, wave in enumerate(waves)
     )
-    return Plan(estate=estate, waves=planned_waves, hosts=planned_hosts)
+    steps = {
+        name: PlannedStep(name, waves[assigned[name]].name, pulled_by.get(name)) for name in estate.procedures
+    }
+    return Plan(
+        estate=_with_wave_gates(estate, planned_waves), waves=planned_waves, hosts=planned_hosts, steps=steps
+    )
+
+
+def _with_wave_gates(estate: Estate, waves: Sequence[PlannedWave]) -> Estate:
+    """The estate with each wave gate's hosts filled in from the plan."""
+    if not any(g.wave for step in estate.procedures.values() for g in step.gates):
+        return estate
+    members = {wave.name: wave.hosts for wave in waves}
+    procedures = {
+        name: replace(
+            step,
+            gates=tuple(replace(g, hosts=members[g.wave]) if g.wave else g for g in step.gates),
+        )
+        for name, step in estate.procedures.items()
+    }
+    return replace(estate, procedures=procedures)
 
 
 def _start_order(names: list[str], hosts: Mapping[str, Host], services: list[str]) -> tuple[str, ...]:

@@ -104,7 +104,32 @@ def plan(console: Console, the_plan: Plan) -> None:
             chain = " <- ".join(planned.pulled_forward_chain)
             table.add_row(planned.name, planned.own_wave, planned.wave, f"needed by {chain}")
         console.print(table)
+    if the_plan.steps:
+        procedure_steps(console, the_plan)
     console.print(estate_summary(the_plan.estate))
+
+
+def procedure_steps(console: Console, the_plan: Plan) -> None:
+    """The procedure steps in the order they can run: what each needs, waits for and gates."""
+    table = Table(title="Procedure steps", title_justify="left")
+    for column in ("step", "wave", "runs on", "needs", "not before", "gates", "approval"):
+        table.add_column(column)
+    for name, planned in the_plan.steps.items():
+        step = the_plan.estate.procedures[name]
+        action = step.action
+        where = ", ".join(step.target_hosts) if step.target_hosts else getattr(action, "url", "")
+        waits = "; ".join(f"{w.minutes / 60:g} h after {w.step}" for w in step.waits)
+        gates = "; ".join(f"{g.selector} ({len(g.hosts):,}) before {g.before.value}" for g in step.gates)
+        table.add_row(
+            name,
+            planned.wave,
+            where,
+            ", ".join(n.describe() for n in step.needs),
+            waits or "-",
+            gates or "-",
+            "named" if step.approval else "wave's",
+        )
+    console.print(table)
 
 
 def status(console: Console, report: dict[str, Any]) -> None:
@@ -218,3 +243,32 @@ def history(console: Console, report: dict[str, Any]) -> None:
     for a in report["approvals"]:
         auto = " (automatic, rehearsal)" if a["automatic"] else ""
         console.print(f"approved by {a['approver']} at {a['at']} for run {a['run'][:8]} ({a['scope']}){auto}")
+
+
+def step_history(console: Console, report: dict[str, Any]) -> None:
+    # Text, not markup: names and details are the operators' and the inventory's words.
+    console.print(
+        Text(f"step {report['step']}: {report['state']}, {report['attempts']} attempt(s)", style="bold")
+    )
+    if report["error"]:
+        console.print(Text(f"last error: {report['error']}", style="yellow"))
+    table = Table(title="Log", title_justify="left")
+    for column in ("at", "from", "event", "to", "#", "run", "actor", "output", "detail"):
+        table.add_column(column)
+    for e in report["log"]:
+        table.add_row(
+            e["at"],
+            e["from"] or "",
+            e["event"],
+            e["to"],
+            str(e["attempt"]),
+            (e["run"] or "")[:8],
+            e["actor"],
+            (e["output_sha256"] or "")[:12],
+            e["detail"] or "",
+        )
+    console.print(table)
+    for a in report["approvals"]:
+        console.print(Text(f"approved by {a['approver']} at {a['at']} (run {(a['run'] or '')[:8]})"))
+    for r in report["rotations"]:
+        console.print(Text(f"rotated {r['secret']} at {r['at']} by {r['actor']}: {r['fingerprint']}"))

@@ -10,35 +10,51 @@ stage through the ledger.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
 from restore_flows.drivers.base import Fleet
 from restore_flows.execution.eta import learned_durations
+from restore_flows.execution.procedures import StepResult, StepRunner
 from restore_flows.execution.stages import StageResult, StageRunner
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
+from restore_flows.inventory.procedures import split_milestone
 from restore_flows.ledger.pools import Request
 from restore_flows.ledger.records import RunRecord
 from restore_flows.ledger.repository import Ledger
+from restore_flows.ledger.steps import approval_scope
 from restore_flows.planning import Plan
 from restore_flows.scheduling.clock import Outcome, RealClock, Result
+from restore_flows.scheduling.durations import Durations
 from restore_flows.scheduling.priority import Priorities, PriorityPolicy
 from restore_flows.scheduling.runner import Retries, run
 from restore_flows.scheduling.scheduler import CAMPAIGN, Policy, Scheduler, Start
 from restore_flows.scheduling.scheduler import Status as Sched
-from restore_flows.scheduling.work import Job, jobs_for, remaining_stages
+from restore_flows.scheduling.work import (
+    Job,
+    ProcedureStage,
+    jobs_for,
+    milestone_facts,
+    milestone_reached,
+    remaining_stages,
+    steps_for,
+)
 from restore_flows.settings import Settings
-from restore_flows.states import FINAL, STUCK, HostState
+from restore_flows.states import FINAL, STEP_STUCK, STUCK, HostState, StepState
 
 log = logging.getLogger(__name__)
+
+STEP_SCOPE = approval_scope("")
+"""How a step's approval is asked for and recorded: 'step:NAME' (a wave's is its name)."""
 
 
 class Status(StrEnum):
@@ -66,16 +82,31 @@ class HostProgress:
 
 
 @dataclass
+class StepProgress:
+    """A procedure step in a run, for the managers' view: ``ONLINE`` means done."""
+
+    step: str
+    wave: str
+    status: Status = Status.PENDING
+    state: StepState = StepState.PENDING
+    reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
 class RunSummary:
     hosts: dict[str, HostProgress]
     elapsed_seconds: float
     refused: dict[str, str] = field(default_factory=dict)
-    """Waves not approved, with why: nothing of them was wiped."""
+    """Waves (and steps, 'step:NAME') not approved, with why: nothing of them was done."""
     stages_started: int = 0
+    steps: dict[str, StepProgress] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return all(p.status is Status.ONLINE for p in self.hosts.values())
+        return all(p.status is Status.ONLINE for p in self.hosts.values()) and all(
+            p.status is Status.ONLINE for p in self.steps.values()
+        )
 
     def count(self, status: Status) -> int:
         return sum(1 for p in self.hosts.values() if p.status == status)
@@ -122,6 +153,13 @@ class Selection:
             names = [n for n in names if n in wanted]
         return names
 
+    def steps(self, the_plan: Plan) -> list[str]:
+        """The procedure steps the run does: those of the chosen waves (none when hosts are named:
+        such a run restores those hosts, it does not reset the forest's credentials)."""
+        if self.hosts:
+            return []
+        return [n for n, planned in the_plan.steps.items() if not self.waves or planned.wave in self.waves]
+
 
 @dataclass(frozen=True)
 class WaveToApprove:
@@ -158,7 +196,8 @@ class Automatic:
         self._waves: list[str] = []
 
     def ask(self, waves: Sequence[WaveToApprove]) -> None:
-        self._waves = [w.wave for w in waves]
+        # A run asks again later for a step due (named approval): keep what is not answered yet.
+        self._waves += [w.wave for w in waves]
 
     def poll(self) -> tuple[dict[str, str], dict[str, str]]:
         approved = dict.fromkeys(self._waves, self.name)
@@ -174,9 +213,21 @@ class Named(Automatic):
 
     automatic = False
 
-    def __init__(self, approver: str) -> None:
+    def __init__(self, approver: str, steps: Iterable[str] = ()) -> None:
         super().__init__()
         self.name = approver
+        self.steps = set(steps)
+        """The steps needing a named approval that this person approved (``--approve-step``)."""
+
+    def poll(self) -> tuple[dict[str, str], dict[str, str]]:
+        approved, _ = super().poll()
+        refused: dict[str, str] = {}
+        for scope in list(approved):
+            step = scope.removeprefix(STEP_SCOPE)
+            if scope.startswith(STEP_SCOPE) and step not in self.steps:
+                del approved[scope]
+                refused[scope] = f"step {step} needs a named approval: run again with --approve-step {step}"
+        return approved, refused
 
 
 def approval_summary(
@@ -207,6 +258,21 @@ def approval_summary(
         evidence = ledger.with_evidence()
         lines.append("Under forensic hold:")
         lines += [f"- {n}: evidence {'registered' if n in evidence else 'NOT yet registered'}" for n in held]
+    return "\n".join(lines)
+
+
+def step_summary(the_plan: Plan, name: str) -> str:
+    """What an approver is shown before a step that needs a named approval."""
+    step = the_plan.estate.procedures[name]
+    lines = [f"Step {name}: {step.description or 'no description'}"]
+    if step.target_hosts:
+        lines.append(f"- runs on: {', '.join(step.target_hosts)}")
+    if step.generates:
+        lines.append(f"- generates new secrets: {', '.join(step.generates)} (only fingerprints are kept)")
+    for wait in step.waits:
+        lines.append(f"- no sooner than {wait.minutes / 60:g} h after {wait.step}: {wait.reason}")
+    if not step.repeatable:
+        lines.append("- it runs once: it is never run again unless an operator re-arms it")
     return "\n".join(lines)
 
 
@@ -292,7 +358,9 @@ class Campaign:
         self.on_change = on_change
         self.on_poll = on_poll
         self.hosts = selection.resolve(the_plan)
+        self.steps = selection.steps(the_plan)
         self.progress: dict[str, HostProgress] = {}
+        self.step_progress: dict[str, StepProgress] = {}
         self._lock = threading.Lock()
 
     def run(self) -> RunSummary:
@@ -310,9 +378,15 @@ class Campaign:
         every = [n for w in self.plan.waves for n in w.hosts]
         all_jobs, stuck = jobs_for(self.plan, every, states, evidence, durations)
         jobs = {n: all_jobs[n] for n in self.hosts if n in all_jobs}
+        step_jobs, stuck_steps, done_steps, done_at = self._step_work(durations)
+        all_jobs.update(step_jobs)
+        jobs.update({n: step_jobs[n] for n in self.steps if n in step_jobs})
         wave_index = {w.name: i for i, w in enumerate(self.plan.waves)}
         self.progress = {n: self._new_progress(n, states.get(n, HostState.COMPROMISED)) for n in self.hosts}
-        online = {n for n, s in states.items() if s is FINAL}
+        self.step_progress = {n: StepProgress(n, self.plan.steps[n].wave) for n in self.steps}
+        online = {n for n, s in states.items() if s is FINAL} | done_steps
+        reached, unreachable = milestone_facts(self.plan, jobs, states)
+        online |= reached
         capacities = {name: pool.capacity for name, pool in estate.pools.items()}
         priorities = Priorities(self.plan, all_jobs, self.settings.priority)
         to_approve = self._waves_to_approve(jobs, online)
@@ -321,17 +395,19 @@ class Campaign:
             priorities,
             capacities,
             online=online,
-            approved={wave_index[w] for w in {self.plan.hosts[n].wave for n in jobs}}
+            approved={wave_index[w] for w in {self.plan.wave_of(n) for n in jobs}}
             - {wave_index[w.wave] for w in to_approve},
             policy=self.settings.policy,
-            stuck={n: f"is {s.value}" for n, s in stuck.items() if n not in jobs},
+            stuck={
+                **{n: f"is {s.value}" for n, s in stuck.items() if n not in jobs},
+                **{n: why for n, why in stuck_steps.items() if n not in jobs},
+                **unreachable,
+            },
+            steps=self.plan.steps,
+            done_at=done_at,
+            approved_steps=self.ledger.steps.approved(self.run_id),
         )
-        for name, state in stuck.items():
-            if name in self.progress:
-                self._set(name, Status.FAILED, state=state, error=f"needs an operator: host is {state.value}")
-        for name in jobs:
-            if scheduler.status[name] is Sched.DONE:
-                self._set(name, Status.ONLINE, state=FINAL)
+        self._first_progress(scheduler, stuck, stuck_steps, done_steps)
         runner = StageRunner(
             self.ledger,
             self.fleet,
@@ -342,7 +418,9 @@ class Campaign:
         )
         world = LedgerWorld(self, scheduler, jobs, wave_index, to_approve)
         clock = RealClock()
-        starter = _Starter(self, runner, jobs, clock, world)
+        scheduler.time_label = _wall_clock(clock)
+        steps = StepRunner(self.ledger, self.fleet, self.run_id, self.actor, self.plan.estate.procedures)
+        starter = _Starter(self, runner, steps, jobs, clock, world)
         heart = _Heartbeat(
             self.ledger, self.run_id, self.settings.lease_seconds, self.settings.heartbeat_seconds
         )
@@ -364,12 +442,69 @@ class Campaign:
         for name in scheduler.unfinished():
             self._set(name, Status.BLOCKED, reason=scheduler.why(name))
         for name, status in scheduler.status.items():
-            item = self.progress[name]
+            item: HostProgress | StepProgress = self.progress.get(name) or self.step_progress[name]
             if status is Sched.BLOCKED and item.status is not Status.BLOCKED:
                 self._set(name, Status.BLOCKED, reason=scheduler.dead.get(name))
             elif status is Sched.DONE and item.status is not Status.ONLINE:
                 self._set(name, Status.ONLINE, state=FINAL)
-        return RunSummary(dict(self.progress), time.monotonic() - started, dict(world.refused), starter.count)
+        return RunSummary(
+            dict(self.progress),
+            time.monotonic() - started,
+            dict(world.refused),
+            starter.count,
+            {n: replace(p) for n, p in self.step_progress.items()},
+        )
+
+    def _first_progress(
+        self,
+        scheduler: Scheduler,
+        stuck: Mapping[str, HostState],
+        stuck_steps: Mapping[str, str],
+        done_steps: set[str],
+    ) -> None:
+        for name, state in stuck.items():
+            if name in self.progress:
+                self._set(name, Status.FAILED, state=state, error=f"needs an operator: host is {state.value}")
+        for name, why in stuck_steps.items():
+            if name in self.step_progress:
+                self._set(name, Status.FAILED, error=f"needs an operator: step {why}")
+        for name in done_steps & set(self.step_progress):
+            self._set(name, Status.ONLINE)
+        for name in scheduler.jobs:
+            if scheduler.status[name] is Sched.DONE:
+                self._set(name, Status.ONLINE, state=FINAL)
+
+    def _step_work(
+        self, durations: Durations
+    ) -> tuple[dict[str, Job], dict[str, str], set[str], dict[str, float]]:
+        """Every procedure step's job from the ledger (a step a dead run was running is interrupted
+        first: it may have run), the steps that wait for an operator, those done, and when they were
+        done (minutes before now: a wait after one counts from there)."""
+        if not self.plan.steps:
+            return {}, {}, set(), {}
+        ledger_steps = self.ledger.steps
+        for name in ledger_steps.interrupt_dead(self.actor):
+            log.warning(
+                "step %s was running in a run that is gone: it may have run, so it is not run again "
+                "until an operator decides (restore decide rearm|done_by_hand %s)",
+                name,
+                name,
+            )
+        records = ledger_steps.states()
+        jobs, stuck, done = steps_for(
+            self.plan,
+            self.plan.steps,
+            {n: r.state for n, r in records.items()},
+            durations,
+            wait_scale=self.settings.pace,
+        )
+        now = self.ledger.now()
+        done_at = {
+            n: -_minutes_between(finished, now)
+            for n in done
+            if n in records and (finished := records[n].finished_at) is not None
+        }
+        return jobs, stuck, done, done_at
 
     # -- progress ----------------------------------------------------------------------------------
 
@@ -387,6 +522,9 @@ class Campaign:
         error: str | None = None,
         stage: str | None = None,
     ) -> None:
+        if name in self.step_progress:
+            self._set_step(name, status, reason=reason, error=error)
+            return
         with self._lock:
             item = self.progress[name]
             item.status = status
@@ -398,6 +536,18 @@ class Campaign:
             if stage is not None:
                 item.stage = stage
         self.on_change(item)
+
+    def _set_step(self, name: str, status: Status, *, reason: str | None, error: str | None) -> None:
+        with self._lock:
+            item = self.step_progress[name]
+            item.status = status
+            item.reason = reason
+            if error is not None:
+                item.error = error
+            if status is Status.ONLINE:
+                item.state = StepState.DONE
+            elif status is Status.RUNNING:
+                item.state = StepState.RUNNING
 
     def _state_changed(self, host: str, stage: object, state: HostState) -> None:
         with self._lock:
@@ -422,6 +572,29 @@ class Campaign:
         with self._lock:
             return {n: HostProgress(**vars(p)) for n, p in self.progress.items()}
 
+    def step_snapshot(self) -> dict[str, StepProgress]:
+        with self._lock:
+            return {n: replace(p) for n, p in self.step_progress.items()}
+
+
+def _minutes_between(then: dt.datetime, now: dt.datetime) -> float:
+    # SQLite gives naive datetimes back; the ledger stamps everything in UTC.
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=dt.UTC)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.UTC)
+    return (now - then).total_seconds() / 60.0
+
+
+def _wall_clock(clock: RealClock) -> Callable[[float], str]:
+    """Names a time of the run's clock as the wall clock will show it ('Tue 14:05')."""
+
+    def label(minutes: float) -> str:
+        at = dt.datetime.now().astimezone() + dt.timedelta(minutes=minutes - clock.now())
+        return at.strftime("%a %H:%M")
+
+    return label
+
 
 def _uses(scheduler: Scheduler) -> dict[str, tuple[int, int]]:
     return {pool: scheduler.pool_use(pool) for pool in scheduler.capacity}
@@ -434,12 +607,14 @@ class _Starter:
         self,
         campaign: Campaign,
         runner: StageRunner,
+        steps: StepRunner,
         jobs: Mapping[str, Job],
         clock: RealClock,
         world: LedgerWorld,
     ) -> None:
         self._campaign = campaign
         self._runner = runner
+        self._steps = steps
         self._jobs = jobs
         self._clock = clock
         self._world = world
@@ -447,10 +622,15 @@ class _Starter:
 
     def start(self, start: Start) -> None:
         self.count += 1
-        host = self._campaign.plan.estate.hosts[start.host]
         stage = start.stage
-        # Procedure steps are not scheduled by campaigns yet (no job carries one).
+        if stage is ProcedureStage.STEP:
+            self._campaign._set(start.host, Status.RUNNING)
+            self._campaign.executor.submit(
+                start, lambda: step_outcome(self._steps.run(start.host), start), self._clock.deliver
+            )
+            return
         assert isinstance(stage, Stage), stage
+        host = self._campaign.plan.estate.hosts[start.host]
         self._campaign._set(start.host, Status.RUNNING, stage=stage.value)
 
         def work() -> Outcome:
@@ -459,6 +639,17 @@ class _Starter:
             return outcome_of(result, host, self._jobs[start.host], start)
 
         self._campaign.executor.submit(start, work, self._clock.deliver)
+
+
+def step_outcome(result: StepResult, start: Start) -> Outcome:
+    """What a step's result means to the scheduler."""
+    if result.done:
+        return Outcome(start.host, Result.DONE, 1)
+    if result.held_by is not None:
+        return Outcome(start.host, Result.MOVED, None, error=result.error)
+    if result.retryable:
+        return Outcome(start.host, Result.FAILED, retryable=True, error=result.error)
+    return Outcome(start.host, Result.STUCK, error=result.error)
 
 
 def outcome_of(result: StageResult, host: Host, job: Job, start: Start) -> Outcome:
@@ -569,9 +760,12 @@ class LedgerWorld:
         self._waiting_since: dict[str, float] = {}
         self.refused: dict[str, str] = {}
         self._last_reasons = 0.0
+        self._steps_asked: dict[str, str] = {}
+        """Steps whose named approval was asked for (scope -> what the approver was shown)."""
 
     def refresh(self, scheduler: Scheduler, now: float) -> None:
         self._approvals(scheduler)
+        self._ask_for_steps(scheduler)
         outside = scheduler.waits_for_outside()
         if outside:
             self._outside(scheduler, sorted(outside), now)
@@ -595,9 +789,64 @@ class LedgerWorld:
         self._reasons(scheduler, now)
         self._campaign.on_poll(self._campaign)
 
+    def _ask_for_steps(self, scheduler: Scheduler) -> None:
+        """A step that needs a named approval is asked for when it is due, not before."""
+        due = [n for n in scheduler.steps_awaiting_approval() if approval_scope(n) not in self._steps_asked]
+        if not due:
+            return
+        asks = [WaveToApprove(approval_scope(n), (), step_summary(self._campaign.plan, n)) for n in due]
+        # A rehearsal approves by itself: say it in the log only; a person is told.
+        level = logging.INFO if getattr(self._campaign.approver, "automatic", False) else logging.WARNING
+        for ask in asks:
+            self._steps_asked[ask.wave] = ask.summary
+            log.log(level, "step %s is due and needs a named approval", ask.wave.removeprefix(STEP_SCOPE))
+        self._campaign.approver.ask(asks)
+
+    def _outside_steps(self, scheduler: Scheduler, outside: list[str]) -> list[str]:
+        """Steps and milestones (a stage of a host) outside this run: done, stuck, or nobody on them.
+        Returns the plain hosts, for the rest of the look."""
+        plan = self._campaign.plan
+        steps = [n for n in outside if n in plan.steps]
+        milestones = [n for n in outside if split_milestone(n) is not None]
+        if steps:
+            records = self._ledger.steps.states()
+            for name in steps:
+                record = records.get(name)
+                state = record.state if record is not None else StepState.PENDING
+                if state is StepState.DONE:
+                    scheduler.outside_online(name)
+                elif state in STEP_STUCK and not plan.estate.procedures[name].repeatable:
+                    scheduler.outside_stuck(name, f"is {state.value}: an operator re-arms it")
+                else:
+                    note = f"step {name} is {state.value}" + (
+                        "" if state is StepState.RUNNING else f": start a run of wave {plan.steps[name].wave}"
+                    )
+                    if scheduler.notes.get(name) != note:
+                        scheduler.notes[name] = note
+                        log.warning("waiting for %s", note)
+        if milestones:
+            parsed = {n: split_milestone(n) for n in milestones}
+            states = self._ledger.states([p[0] for p in parsed.values() if p is not None])
+            for name, found in parsed.items():
+                assert found is not None
+                host, stage = found
+                host_state = states.get(host, HostState.COMPROMISED)
+                if milestone_reached(plan.estate.hosts[host], host_state, stage):
+                    scheduler.outside_online(name)
+                elif host_state in STUCK:
+                    scheduler.outside_stuck(name, f"{host} is {host_state.value}")
+                else:
+                    note = (
+                        f"{host} is {host_state.value}, its {stage.value} not done: start a run of its wave"
+                    )
+                    if scheduler.notes.get(name) != note:
+                        scheduler.notes[name] = note
+        return [n for n in outside if n not in plan.steps and split_milestone(n) is None]
+
     def _outside(self, scheduler: Scheduler, outside: list[str], now: float) -> None:
         """Hosts of no stage of this run that some of its hosts wait for: online, stuck, or who works
         on them (a run alive, a run that is gone, nobody), said at once rather than after a timeout."""
+        outside = self._outside_steps(scheduler, outside)
         states = self._ledger.states(outside)
         leases = self._ledger.leases()
         runs: dict[str, RunRecord] = {}
@@ -635,6 +884,19 @@ class LedgerWorld:
 
     def _approvals(self, scheduler: Scheduler) -> None:
         approved, refused = self._campaign.approver.poll()
+        automatic = getattr(self._campaign.approver, "automatic", False)
+        for scope in [s for s in approved if s in self._steps_asked]:
+            shown = self._steps_asked.pop(scope)
+            step = scope.removeprefix(STEP_SCOPE)
+            self._ledger.record_approval(
+                self._campaign.run_id, scope, (), approved.pop(scope), shown, automatic=automatic
+            )
+            scheduler.approve_step(step)
+        for scope in [s for s in refused if s in self._steps_asked]:
+            self._steps_asked.pop(scope)
+            why = refused.pop(scope)
+            self.refused[scope] = why
+            scheduler.give_up(scope.removeprefix(STEP_SCOPE), Sched.BLOCKED, f"not approved: {why}")
         for wave, approver in approved.items():
             request = self._to_approve.pop(wave, None)
             if request is None:
@@ -645,7 +907,7 @@ class LedgerWorld:
                 request.hosts,
                 approver,
                 request.summary,
-                automatic=getattr(self._campaign.approver, "automatic", False),
+                automatic=automatic,
             )
             scheduler.approve(self._wave_index[wave])
         for wave, why in refused.items():
@@ -653,7 +915,7 @@ class LedgerWorld:
                 continue
             self.refused[wave] = why
             for name in self._jobs:
-                if self._campaign.plan.hosts[name].wave == wave:
+                if self._campaign.plan.wave_of(name) == wave:
                     scheduler.give_up(name, Sched.BLOCKED, f"wave {wave} not approved: {why}")
 
     def _reasons(self, scheduler: Scheduler, now: float) -> None:
@@ -661,7 +923,11 @@ class LedgerWorld:
         if (now - self._last_reasons) * 60.0 < 5.0:
             return
         self._last_reasons = now
-        for name, item in self._campaign.snapshot().items():
+        seen: dict[str, HostProgress | StepProgress] = {
+            **self._campaign.snapshot(),
+            **self._campaign.step_snapshot(),
+        }
+        for name, item in seen.items():
             if name not in scheduler.status:
                 continue
             status = scheduler.status[name]
@@ -712,6 +978,8 @@ class LedgerWorld:
     def may_change(self, scheduler: Scheduler, now: float) -> bool:
         if self._to_approve and scheduler.waiting_for_approval() and self._campaign.approver.pending():
             return True
+        if scheduler.steps_awaiting_approval():
+            return True  # asked for when due, answered by a person: this run waits for the answer
         return scheduler.waits_for_others() or bool(scheduler.waits_for_outside())
 
 

@@ -38,12 +38,14 @@ from restore_flows.inventory.models import (
     HostSpec,
     InventoryFile,
     Pool,
+    Procedure,
     RestoreMethod,
     Role,
     Site,
     Stage,
     Wave,
 )
+from restore_flows.inventory.procedures import WrittenStep, resolve_steps
 from restore_flows.inventory.ranges import RangeError, expand
 from restore_flows.inventory.schemacheck import (
     Loc,
@@ -174,6 +176,7 @@ class _Loader:
     pools: list[_Item[Pool]] = field(default_factory=list)
     roles: list[_Item[Role]] = field(default_factory=list)
     entries: list[_HostEntry] = field(default_factory=list)
+    procedures: list[WrittenStep] = field(default_factory=list)
     # Names of items that failed their own validation: referring to them is not a second error.
     broken: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     unreadable: bool = False
@@ -266,6 +269,11 @@ class _Loader:
             )
         self._collect_groups(file, raw, parsed.groups, range(len(parsed.groups)))
         self._collect_hosts(file, raw.get("hosts") or [], parsed.hosts, ("hosts",), None)
+        raw_steps = raw.get("procedures") or []
+        self.procedures += [
+            WrittenStep(step, file, raw_steps[i], ("procedures", i))
+            for i, step in enumerate(parsed.procedures)
+        ]
 
     def _collect_item_by_item(self, file: str, raw: SourceMap, secret_paths: set[Loc]) -> None:
         """The slow path, taken only when a file has mistakes: validate each item on its own."""
@@ -286,6 +294,7 @@ class _Loader:
             ("roles", Role),
             ("groups", Group),
             ("hosts", HostSpec),
+            ("procedures", Procedure),
         ):
             raw_items = raw.get(section)
             if raw_items is None:
@@ -310,6 +319,8 @@ class _Loader:
             elif section == "hosts":
                 for index, spec in valid:
                     self._collect_hosts(file, raw_items, [spec], ("hosts",), None, start=index)
+            elif section == "procedures":
+                self.procedures += [WrittenStep(p, file, raw_items[i], (section, i)) for i, p in valid]
             else:
                 target: list[Any] = getattr(self, section)
                 target.extend(_Item(item, _Layer(file, raw_items[i], (section, i))) for i, item in valid)
@@ -416,6 +427,10 @@ class _Loader:
         self._check_dependencies(estate)
         self._check_services(estate)
         self._warn_smells(estate, sites)
+        if self.procedures and not self.broken["hosts"]:
+            # With hosts missing, unknown-host errors here would only repeat the first mistake.
+            steps = resolve_steps(self.procedures, estate, self.error, self.warn)
+            estate = replace(estate, procedures=steps)
         return estate
 
     def _check_waves(self) -> list[_Item[Wave]]:

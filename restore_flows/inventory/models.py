@@ -12,10 +12,11 @@ a secret, which is resolved at run time.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CATCH_ALL = "*"
 
@@ -316,6 +317,164 @@ class Group(_Strict):
     hosts: list[HostSpec] = Field(min_length=1)
 
 
+# -- procedures: named steps that are not one host's pipeline (forest recovery, credential resets) --
+
+StepStage = Literal["evidence", "wipe", "reimage", "restore", "verify", "release"]
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(h|min|m)\s*$")
+
+
+def duration_minutes(value: str | float) -> float:
+    """'10h', '45min' (or '45m'), or a number of minutes."""
+    if isinstance(value, int | float):
+        return float(value)
+    found = _DURATION.match(value)
+    if found is None:
+        raise ValueError(
+            f"'{value}' is not a duration: write minutes, or a number with h or min (10h, 45min)"
+        )
+    number = float(found.group(1))
+    return number * 60 if found.group(2) == "h" else number
+
+
+Duration = Annotated[
+    Annotated[float, Field(ge=0, le=525_600, allow_inf_nan=False)] | str,
+    Field(description="Minutes, or a number with h or min: 10h, 45min."),
+]
+
+
+class StepTarget(_Strict):
+    """Where a step's command runs: one host (or a range), or every host of a role, in turn."""
+
+    host: HostPattern | None = None
+    role: Name | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StepTarget:
+        if (self.host is None) == (self.role is None):
+            raise ValueError("say either host or role")
+        return self
+
+
+class StepHttp(_Strict):
+    """One HTTP call from the orchestrator (a privileged-access vault, an appliance's API)."""
+
+    url: str
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    status: Annotated[int, Field(ge=100, le=599)] = 200
+    body: str | None = None
+    timeout: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 60
+
+
+class StepNeed(_Strict):
+    """A stage of a host done, not the whole host: ``{host: dc-dc1-01, stage: verify}`` (restored and
+    verified clean, still in quarantine)."""
+
+    host: Name
+    stage: StepStage
+
+
+class NotBefore(_Strict):
+    """No sooner than ``after`` since ``step`` was done, and why (always written down)."""
+
+    step: Name
+    after: Duration
+    reason: str = Field(min_length=1, description="Why this wait, and who chose it if it was shortened.")
+
+    @field_validator("after")
+    @classmethod
+    def _duration(cls, value: str | float) -> str | float:
+        duration_minutes(value)
+        return value
+
+
+class StepGateSpec(_Strict):
+    """The hosts a step gates: one selector (a wave, a role, a kind, a site, or hosts by name); they
+    may start ``before`` only once the step is done."""
+
+    wave: Name | None = None
+    role: Name | None = None
+    kind: HostKind | None = None
+    site: Name | None = None
+    hosts: list[HostPattern] | None = None
+    before: GateStage = Field(
+        default="release", description="The stage of those hosts that waits for the step (default release)."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> StepGateSpec:
+        said = [f for f in ("wave", "role", "kind", "site", "hosts") if getattr(self, f) is not None]
+        if len(said) != 1:
+            raise ValueError("say exactly one of wave, role, kind, site or hosts")
+        return self
+
+
+def _not_before_schema(schema: dict[str, Any]) -> None:
+    listed = schema["properties"]["not_before"]
+    schema["properties"]["not_before"] = {
+        "anyOf": [dict(listed["items"]), {"type": "array", "items": listed["items"]}],
+        "description": listed.get("description", ""),
+    }
+
+
+class Procedure(_Strict):
+    """A named step: a command on a host (or a role's hosts) or an HTTP call, the check that proves it
+    worked, what it needs first, how long it must wait after another step, and what waits for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_not_before_schema)
+
+    name: Name
+    description: str | None = None
+    runs_on: StepTarget | None = Field(default=None, description="Where the command runs, over SSH.")
+    command: str | None = Field(
+        default=None,
+        description="Command template, run over SSH; {host}, {address} and {step} can be used. "
+        "Secrets it generates arrive on standard input, one NAME=value line each.",
+    )
+    timeout: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 600
+    http: StepHttp | None = None
+    check: Check | None = Field(default=None, description="Proves the step worked.")
+    needs: list[Name | StepNeed] = Field(
+        default_factory=list,
+        description="Hosts online or other steps done first; {host: H, stage: S} for a stage of a host. "
+        "The hosts a step runs on are needed online unless named here with a stage.",
+    )
+    not_before: list[NotBefore] = Field(
+        default_factory=list,
+        description="Waits after other steps; one mapping or a list: {step: S, after: 10h, reason: R}.",
+    )
+    approval: bool = Field(default=False, description="Needs a named approval when it is due.")
+    gates: list[StepGateSpec] = Field(default_factory=list)
+    minutes: Annotated[float, Field(ge=0, le=525_600, allow_inf_nan=False)] = Field(
+        default=10, description="Planned duration, for the forecast."
+    )
+    generates: list[SecretName] = Field(
+        default_factory=list,
+        description="Secrets the product generates and hands to the command on standard input; the "
+        "ledger keeps only that they were rotated, and a fingerprint.",
+    )
+    repeatable: bool = Field(
+        default=False,
+        description="Safe to run again after a failure or interruption (idempotent). A credential "
+        "reset is not: left false, a step that may have run waits for 'restore decide rearm'.",
+    )
+
+    @field_validator("not_before", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _action(self) -> Procedure:
+        shell = self.runs_on is not None or self.command is not None
+        if shell and self.http is not None:
+            raise ValueError("a step runs a command (runs_on, command) or makes an http call, not both")
+        if not shell and self.http is None:
+            raise ValueError("say what the step does: runs_on and command, or http")
+        if shell and (self.runs_on is None or self.command is None):
+            raise ValueError("a command step needs both runs_on and command")
+        return self
+
+
 class InventoryFile(_Strict):
     """One inventory file. All files of the directory are merged; any section may be in any file."""
 
@@ -332,3 +491,7 @@ class InventoryFile(_Strict):
     roles: list[Role] = Field(default_factory=list)
     groups: list[Group] = Field(default_factory=list)
     hosts: list[HostSpec] = Field(default_factory=list)
+    procedures: list[Procedure] = Field(
+        default_factory=list,
+        description="Named steps that are not one host's pipeline, e.g. forest recovery.",
+    )

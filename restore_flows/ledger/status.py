@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from restore_flows.ledger.records import History, HostRecord
+from restore_flows.ledger.records import History, HostRecord, StepHistory
 from restore_flows.states import FAILED, FINAL, HostState
 
 DIMENSIONS = ("wave", "site", "department", "kind")
@@ -143,5 +143,48 @@ def history_report(history: History) -> dict[str, Any]:
                 "shown": a.shown,
             }
             for a in history.approvals
+        ],
+    }
+
+
+def step_history_report(history: StepHistory) -> dict[str, Any]:
+    """``restore history STEP --json``: its states, who approved it, what it rotated (fingerprints)."""
+    step = history.step
+    return {
+        "step": step.name,
+        "state": step.state.value,
+        "attempts": step.attempts,
+        "run": step.run_id,
+        "started": iso(step.started_at),
+        "finished": iso(step.finished_at),
+        "error": step.error,
+        "retired": step.retired,
+        "log": [
+            {
+                "at": iso(entry.at),
+                "from": entry.from_state.value if entry.from_state else None,
+                "event": entry.event,
+                "to": entry.to_state.value,
+                "attempt": entry.attempt,
+                "run": entry.run_id,
+                "actor": entry.actor,
+                "output_sha256": entry.output_sha256,
+                "detail": entry.detail,
+            }
+            for entry in history.log
+        ],
+        "approvals": [
+            {"approver": a.approver, "at": iso(a.approved_at), "run": a.run_id, "automatic": a.automatic}
+            for a in history.approvals
+        ],
+        "rotations": [
+            {
+                "secret": r.secret,
+                "fingerprint": r.fingerprint,
+                "at": iso(r.at),
+                "run": r.run_id,
+                "actor": r.actor,
+            }
+            for r in history.rotations
         ],
     }

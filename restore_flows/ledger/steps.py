@@ -361,6 +361,17 @@ class Steps:
         process = db.execute(select(RUNS.c.process).where(RUNS.c.id == run_id)).scalar_one_or_none()
         return not dead_here(process)
 
+    def approved(self, run_id: str) -> set[str]:
+        """The steps given their named approval for this run (a run resumed after a crash keeps them)."""
+        prefix = approval_scope("")
+        with self._engine.connect() as db:
+            scopes = db.execute(
+                select(APPROVALS.c.scope).where(
+                    APPROVALS.c.run_id == run_id, APPROVALS.c.scope.startswith(prefix)
+                )
+            ).scalars()
+            return {scope.removeprefix(prefix) for scope in scopes}
+
     @staticmethod
     def _approved(db: Connection, name: str, run_id: str) -> bool:
         found = db.execute(

@@ -47,9 +47,11 @@ class Priorities:
             for dependency in host.depends_on:
                 dependents[dependency].append(name)
         for step in estate.procedures.values():
+            its_needs = {need.name for need in step.needs}
             for need in step.needs:
                 dependents[need.name].append(step.name)
-            dependents[step.name].extend(step.gated_hosts())
+            # A host it gates and needs a stage of (the DC it cleans up) counts through the step.
+            dependents[step.name].extend(h for h in step.gated_hosts() if h not in its_needs)
         last = len(waves) - 1
         # Dependents before their dependencies: the work order reversed (it puts dependencies first).
         self.need: dict[str, int] = {}

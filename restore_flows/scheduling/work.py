@@ -285,7 +285,9 @@ def work_order(the_plan: Plan) -> list[str]:
             after.setdefault(need.name, []).append(step.name)
             blocking[step.name] += 1
         gated = step.gated_hosts()
-        for host in gated:
+        needed = {need.name for need in step.needs}
+        # A step that needs an earlier stage of a host it gates comes after that host in this order.
+        for host in gated.keys() - needed:
             after.setdefault(step.name, []).append(host)
             blocking[host] += 1
         rank[step.name] = min((rank[h] for h in gated), default=float(len(hosts))) - 0.5

@@ -97,7 +97,8 @@ def ledger(engine: Engine, small_plan: Plan, clock: Clock) -> Ledger:
     return ledger
 
 
-FAST = CampaignSettings(retries=Retries(backoff_minutes=(0.0,)), poll_seconds=0.02)
+# pace 0: planned minutes take no real time (a procedure step's 10 h wait included), as on a zero-time fleet.
+FAST = CampaignSettings(retries=Retries(backoff_minutes=(0.0,)), poll_seconds=0.02, pace=0.0)
 
 
 def run_threads(

@@ -109,7 +109,7 @@ def test_yaml_merge_keys_work_as_defaults(write_inventory: WriteInventory) -> No
     result = load_inventory(directory)
     # A top-level anchor holder is not a known section: engineers put anchors inside sections.
     assert [d.message for d in result.errors] == [
-        "unknown section 'x-gw' (sections are: waves, sites, pools, roles, groups, hosts)"
+        "unknown section 'x-gw' (sections are: waves, sites, pools, roles, groups, hosts, procedures)"
     ]
     directory = write_inventory(
         base=BASE,
