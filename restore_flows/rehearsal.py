@@ -6,6 +6,7 @@ time unless asked to continue, so that a rehearsal never marks a real host onlin
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import threading
@@ -247,11 +248,37 @@ def _print_summary(console: Console, ledger: Ledger, the_plan: Plan, waves: Sequ
             back,
         )
     console.print(table)
+    if the_plan.steps:
+        _print_steps(console, ledger, the_plan, started)
     for name in sorted(states):
         if states[name] in FAILED or states[name] is HostState.QUARANTINED:
             history = ledger.history(name)
             last = history.transitions[-1]
             console.print(f"[red]{name}[/]: {states[name].value}: {last.detail or ''}")
+
+
+def _print_steps(console: Console, ledger: Ledger, the_plan: Plan, started: dt.datetime | None) -> None:
+    """The procedure steps in the order they were done, with who approved and what they rotated."""
+    from restore_flows.execution.eta import as_utc
+
+    records = ledger.steps.states()
+    rotated = Counter(r.step for r in ledger.steps.rotations())
+    table = Table(title="Procedure steps", title_justify="left")
+    for column in ("step", "state", "done after", "secrets rotated"):
+        table.add_column(column, justify="left" if column in ("step", "state") else "right")
+
+    def done_at(name: str) -> float:
+        record = records.get(name)
+        finished = record.finished_at if record is not None else None
+        return finished.timestamp() if finished is not None else float("inf")
+
+    for name in sorted(the_plan.steps, key=done_at):
+        record = records.get(name)
+        after = ""
+        if record is not None and record.finished_at is not None and started is not None:
+            after = f"{(as_utc(record.finished_at) - as_utc(started)).total_seconds():.1f} s"
+        table.add_row(name, record.state.value if record else "pending", after, str(rotated[name] or ""))
+    console.print(table)
 
 
 def up(settings: Settings, console: Console) -> None:

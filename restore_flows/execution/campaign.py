@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from restore_flows.drivers.base import Fleet
-from restore_flows.execution.eta import learned_durations
+from restore_flows.execution.eta import as_utc, learned_durations
 from restore_flows.execution.procedures import StepResult, StepRunner
 from restore_flows.execution.stages import StageResult, StageRunner
 from restore_flows.inventory.estate import Host
@@ -253,6 +253,15 @@ def approval_summary(
                 f"WARNING: {count} host(s) of it are held by another run, {holder}, still alive: "
                 "they are waited for, not touched, until it lets them go."
             )
+    steps = [n for n, planned in the_plan.steps.items() if wave is not None and planned.wave == wave]
+    if steps:
+        lines.append("Procedure steps run with this wave, each once, when what it needs is done:")
+        for name in steps:
+            step = estate.procedures[name]
+            extra = [f"{w.minutes / 60:g} h after {w.step}" for w in step.waits]
+            if step.approval:
+                extra.append("asks its own named approval when due")
+            lines.append(f"- {name}" + (f" ({'; '.join(extra)})" if extra else ""))
     held = [n for n in todo if estate.hosts[n].forensic_hold]
     if held:
         evidence = ledger.with_evidence()
@@ -578,12 +587,7 @@ class Campaign:
 
 
 def _minutes_between(then: dt.datetime, now: dt.datetime) -> float:
-    # SQLite gives naive datetimes back; the ledger stamps everything in UTC.
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=dt.UTC)
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=dt.UTC)
-    return (now - then).total_seconds() / 60.0
+    return (as_utc(now) - as_utc(then)).total_seconds() / 60.0
 
 
 def _wall_clock(clock: RealClock) -> Callable[[float], str]:

@@ -18,7 +18,7 @@ from restore_flows.ledger.status import status_report
 from restore_flows.planning import Plan
 from restore_flows.scheduling.durations import Durations, Observation
 from restore_flows.scheduling.forecast import Forecast, WhatIf, forecast
-from restore_flows.states import RUNNING_STAGE, HostState
+from restore_flows.states import RUNNING_STAGE, HostState, StepState
 
 
 def learned_durations(ledger: Ledger, the_plan: Plan, default_pace: float = 1.0) -> Durations:
@@ -49,6 +49,12 @@ def forecast_from_ledger(
         alive = lease is not None and lease[1] is not None and lease[1] > at
         if alive and state is not None and RUNNING_STAGE.get(state) is Stage(stage):
             running[host] = max(0.0, (at - started).total_seconds() / 60.0)
+    records = ledger.steps.states() if the_plan.steps else {}
+    done_at = {
+        name: -(at - as_utc(record.finished_at)).total_seconds() / 60.0
+        for name, record in records.items()
+        if record.state is StepState.DONE and record.finished_at is not None
+    }
     return forecast(
         the_plan,
         what_if=what_if,
@@ -56,7 +62,16 @@ def forecast_from_ledger(
         evidence=ledger.with_evidence(),
         durations=learned_durations(ledger, the_plan, default_pace),
         running=running,
+        step_states={name: record.state for name, record in records.items()},
+        done_at=done_at,
+        # A rehearsal's waits shrink with its stages, as its runs do (a live run's pace is 1).
+        wait_scale=default_pace,
     )
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    # SQLite gives naive datetimes back; the ledger stamps everything in UTC.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 def format_minutes(minutes: float | None) -> str:

@@ -211,6 +211,13 @@ def summary_markdown(scope: str, summary: RunSummary, the_plan: Plan) -> str:
     if summary.blocked():
         lines += ["", "## Blocked", "", "| host | why |", "| --- | --- |"]
         lines += [f"| {p.host} | {_cell(p.reason)} |" for p in summary.blocked()]
+    if summary.steps:
+        lines += ["", "## Procedure steps", "", "| step | status | why |", "| --- | --- | --- |"]
+        lines += [
+            f"| {s.step} | {'done' if s.status is Status.ONLINE else s.status.value} | "
+            f"{_cell(s.error or s.reason)} |"
+            for s in summary.steps.values()
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,7 @@ from restore_flows.bootstrap import live_fleet, load_and_sync, open_ledger
 from restore_flows.drivers.base import Fleet
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.execution.campaign import (
+    STEP_SCOPE,
     Automatic,
     Campaign,
     CampaignSettings,
@@ -186,6 +187,22 @@ def approval_form(waves: Sequence[WaveToApprove], *, several: bool = False) -> t
     (``several``), the waves approved now and their names typed again."""
     names = [w.wave for w in waves]
     shown = " ‖ ".join(one_line(w.summary) for w in waves)
+    if len(names) == 1 and names[0].startswith(STEP_SCOPE):
+        step = names[0].removeprefix(STEP_SCOPE)
+        return create_model(
+            "StepApproval",
+            __base__=RunInput,
+            approver=(
+                str,
+                Field(
+                    min_length=1, description="Your full name. It is recorded in the ledger as the approver."
+                ),
+            ),
+            confirm_wave=(
+                str,
+                Field(min_length=1, description=f"Type the step's name, {step}, to run it now.\n\n{shown}"),
+            ),
+        )
     if not several:
         return create_model(
             "WaveApproval",
@@ -242,8 +259,15 @@ class FormApprover:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        self._queue: list[WaveToApprove] = []
+        """Asked while a form is open (a step due later): asked next, one form at a time."""
 
     def ask(self, waves: Sequence[WaveToApprove]) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive() and not self._done.is_set():
+                self._queue += waves
+                return
+            self._done.clear()
         context = contextvars.copy_context()
         self._thread = threading.Thread(
             target=context.run, args=(self._ask_all, list(waves)), name="approval", daemon=True
@@ -259,12 +283,27 @@ class FormApprover:
     def pending(self) -> bool:
         return self._thread is not None and not self._done.is_set()
 
+    def _next(self, left: list[WaveToApprove]) -> list[WaveToApprove]:
+        """What is still to ask: a step is asked on its own form, waves together."""
+        with self._lock:
+            if not left and self._queue:
+                left, self._queue = self._queue, []
+            if not left:
+                self._done.set()  # under the lock: a later ask() starts a new thread
+            return left
+
     def _ask_all(self, waves: list[WaveToApprove]) -> None:
         logger = get_run_logger()
         left = list(waves)
         link = run_link()
         try:
-            while left:
+            while left := self._next(left):
+                steps = [w for w in left if w.wave.startswith(STEP_SCOPE)]
+                later = [w for w in left if w not in steps[:1]] if steps else []
+                if steps:
+                    left = steps[:1]
+                    with self._lock:
+                        self._queue = later + self._queue
                 names = ", ".join(w.wave for w in left)
                 # Resume is in the run page's menu only: say where, in the log and in an artifact.
                 logger.warning("approval needed for wave(s) %s: open %s then ⋮ → Resume", names, link)
@@ -284,25 +323,26 @@ class FormApprover:
                     with self._lock:
                         self._refused.update(
                             {
-                                w.wave: f"no approval within {self._timeout:g} minutes: nothing was wiped "
-                                f"in wave {w.wave}"
+                                w.wave: f"no approval within {self._timeout:g} minutes: {_untouched(w)}"
                                 for w in left
                             }
                         )
                     _back_to_running()
-                    return
+                    left = []  # what was asked later is still asked
+                    continue
                 chosen = _chosen(answer, [w.wave for w in left])
                 if chosen is None:
                     typed = getattr(answer, "confirm_wave", None) or getattr(answer, "confirm_waves", "")
                     with self._lock:
                         self._refused.update(
                             {
-                                w.wave: f"approval refused: the wave names were typed as {typed!r}; nothing "
-                                f"was wiped in wave {w.wave}"
+                                w.wave: f"approval refused: the names were typed as {typed!r}; "
+                                + _untouched(w)
                                 for w in left
                             }
                         )
-                    return
+                    left = []
+                    continue
                 approver = answer.approver.strip()
                 logger.info("approved by %s: %s", approver, ", ".join(chosen))
                 with self._lock:
@@ -326,10 +366,18 @@ def one_line(summary: str) -> str:
     return " • ".join(line.removeprefix("- ") for line in lines)
 
 
+def _untouched(asked: WaveToApprove) -> str:
+    if asked.wave.startswith(STEP_SCOPE):
+        return f"step {asked.wave.removeprefix(STEP_SCOPE)} was not run"
+    return f"nothing was wiped in wave {asked.wave}"
+
+
 def _chosen(answer: Any, offered: list[str]) -> list[str] | None:
-    """The waves an answer approves, if the names typed match what was chosen."""
+    """The waves an answer approves, if the names typed match what was chosen (a step's name is
+    typed without its 'step:' scope)."""
     if hasattr(answer, "confirm_wave"):
-        return offered if answer.confirm_wave.strip() == offered[0] else None
+        typed = answer.confirm_wave.strip()
+        return offered if typed in (offered[0], offered[0].removeprefix(STEP_SCOPE)) else None
     chosen = [w for w in offered if w in set(answer.waves)]
     typed = {part.strip() for part in answer.confirm_waves.split(",") if part.strip()}
     return chosen if typed == set(chosen) else None

@@ -1,0 +1,185 @@
+"""Procedure steps in runs: in order, with their waits and gates, once, and without leaking a secret."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from restore_flows.drivers.fake import SimulatedFleet
+from restore_flows.drivers.procedures import StepOutput, fingerprint
+from restore_flows.execution.campaign import CampaignSettings, Named, Status
+from restore_flows.execution.eta import as_utc
+from restore_flows.inventory.loader import load_estate
+from restore_flows.inventory.procedures import ProcedureStep
+from restore_flows.ledger.repository import Ledger
+from restore_flows.planning import Plan, plan
+from restore_flows.scheduling.forecast import forecast
+from restore_flows.scheduling.runner import Retries
+from restore_flows.states import HostState, StepEvent, StepState
+from tests.conftest import WriteInventory
+from tests.execution.conftest import run_threads
+from tests.inventory.test_procedures import ESTATE, STEPS
+
+# A wait of 600 planned minutes takes 600 * PACE real minutes: 1.8 s.
+PACE = 0.00005
+SETTINGS = CampaignSettings(retries=Retries(backoff_minutes=(0.0,)), poll_seconds=0.02, pace=PACE)
+
+
+@pytest.fixture
+def steps_plan(write_inventory: WriteInventory) -> Plan:
+    return plan(load_estate(write_inventory(estate=ESTATE, steps=STEPS)))
+
+
+@pytest.fixture
+def real_ledger(engine: Engine, steps_plan: Plan) -> Ledger:
+    # The ledger's own clock: the waits between steps are read from its stamps.
+    ledger = Ledger(engine)
+    ledger.sync_inventory(steps_plan.estate, steps_plan)
+    return ledger
+
+
+class Recording(SimulatedFleet):
+    """The simulated fleet, keeping what each step was handed, to look for it everywhere else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed: dict[str, list[str]] = {}
+
+    def run_step(self, step: ProcedureStep, secrets: Mapping[str, str]) -> StepOutput:
+        self.handed.setdefault(step.name, []).extend(secrets.values())
+        return super().run_step(step, secrets)
+
+
+def _finished(ledger: Ledger, step: str) -> dt.datetime:
+    [done] = [e.at for e in ledger.steps.history(step).log if e.event == StepEvent.SUCCEED.value]
+    return as_utc(done)
+
+
+def _started(ledger: Ledger, step: str) -> list[dt.datetime]:
+    return [as_utc(e.at) for e in ledger.steps.history(step).log if e.event == StepEvent.START.value]
+
+
+def _released(ledger: Ledger, host: str) -> dt.datetime:
+    return as_utc(ledger.history(host).transitions[-1].at)
+
+
+def test_the_forecast_counts_the_wait_between_the_two_resets(steps_plan: Plan) -> None:
+    found = forecast(steps_plan)
+    start_1, finish_1 = found.step_times("reset-1")
+    start_2, finish_2 = found.step_times("reset-2")
+    assert start_1 is not None
+    assert finish_1 is not None
+    assert start_2 is not None
+    assert finish_2 is not None
+    assert start_2 >= finish_1 + 600
+    # fs-01 is released only after reset-2: the whole campaign waits for the gap.
+    assert found.finish["fs-01"] >= finish_2
+    assert found.makespan_minutes >= finish_1 + 600
+    as_json = found.to_json()["procedures"]
+    assert as_json["reset-2"]["start_minutes"] >= as_json["reset-1"]["finish_minutes"] + 600
+    # Without the procedures the same estate is back far sooner: the gap is what costs.
+    bare = plan(replace(steps_plan.estate, procedures={}))
+    assert forecast(bare).makespan_minutes < found.makespan_minutes - 500
+
+
+def test_a_campaign_runs_the_steps_in_order_with_their_waits(real_ledger: Ledger, steps_plan: Plan) -> None:
+    fleet = Recording()
+    _, summary = run_threads(real_ledger, steps_plan, fleet, settings=SETTINGS)
+    assert summary.ok, summary
+    assert {s.step: s.status for s in summary.steps.values()} == dict.fromkeys(
+        ("reset-1", "reset-2", "vault"), Status.ONLINE
+    )
+    assert all(r.state is StepState.DONE for r in real_ledger.steps.states().values())
+    reset_1, reset_2 = _finished(real_ledger, "reset-1"), _finished(real_ledger, "reset-2")
+    [started_2] = _started(real_ledger, "reset-2")
+    assert started_2 - reset_1 >= dt.timedelta(minutes=600 * PACE)
+    assert _started(real_ledger, "vault")[0] >= reset_1
+    # The gates: the DC and the workstations are released only after reset-1, the file server after
+    # reset-2; the DC's restore and verify ran before the step (which needs them).
+    for host in ("dc-01", "ws-icu-1", "ws-icu-3"):
+        assert _released(real_ledger, host) >= reset_1, host
+    assert _released(real_ledger, "fs-01") >= reset_2
+    verified = [
+        t.at for t in real_ledger.history("dc-01").transitions if t.to_state is HostState.VERIFIED_CLEAN
+    ]
+    assert as_utc(verified[0]) <= _started(real_ledger, "reset-1")[0]
+    # Each ran once, and reset-1 rotated its secret: only the fingerprint is kept.
+    assert {n: len(_started(real_ledger, n)) for n in ("reset-1", "reset-2", "vault")} == {
+        "reset-1": 1,
+        "reset-2": 1,
+        "vault": 1,
+    }
+    [rotation] = real_ledger.steps.rotations()
+    assert rotation.secret == "KRBTGT_PASSWORD"
+    assert rotation.fingerprint == fingerprint(fleet.handed["reset-1"][0])
+
+
+def test_no_generated_secret_reaches_the_ledger_the_logs_or_the_summary(
+    real_ledger: Ledger, steps_plan: Plan, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = Recording()
+    caplog.set_level(logging.DEBUG)
+    _, summary = run_threads(real_ledger, steps_plan, fleet, settings=SETTINGS)
+    assert summary.ok
+    [secret] = fleet.handed["reset-1"]
+    assert len(secret) >= 32
+    database = Path(str(engine.url.database))
+    stored = b"".join(p.read_bytes() for p in database.parent.glob(database.name + "*"))
+    assert secret.encode() not in stored
+    assert secret not in caplog.text
+    assert secret not in repr(summary)
+    history = real_ledger.steps.history("reset-1")
+    assert secret not in repr(history)
+
+
+def test_a_step_that_needs_a_named_approval_waits_for_one(real_ledger: Ledger, steps_plan: Plan) -> None:
+    approval = ("reset-1", "reset-2")
+    needing = plan_with_approval(steps_plan, approval)
+    real_ledger.sync_inventory(needing.estate, needing)
+    _, refused = run_threads(
+        real_ledger, needing, SimulatedFleet(), approver="Dr. A. Osei", settings=SETTINGS
+    )
+    assert not refused.ok
+    assert refused.steps["reset-1"].status is Status.BLOCKED
+    assert "--approve-step reset-1" in (refused.steps["reset-1"].reason or "")
+    assert _started(real_ledger, "reset-1") == []
+    # What it gates waits with it; the DC it needs went as far as the step allows: verified, in quarantine.
+    assert refused.hosts["ws-icu-1"].status is Status.BLOCKED
+    assert real_ledger.states()["dc-01"] is HostState.VERIFIED_CLEAN
+    approver = Named("Dr. A. Osei", approval)
+    _, approved = run_threads(real_ledger, needing, SimulatedFleet(), approver=approver, settings=SETTINGS)
+    assert approved.ok, approved
+    shown = {a.scope: a.approver for a in real_ledger.steps.history("reset-1").approvals}
+    assert shown == {"step:reset-1": "Dr. A. Osei"}
+
+
+def test_a_step_that_may_have_run_is_never_run_again_without_an_operator(
+    real_ledger: Ledger, steps_plan: Plan
+) -> None:
+    broken = SimulatedFleet(broken_steps={"reset-1"})
+    _, first = run_threads(real_ledger, steps_plan, broken, settings=SETTINGS)
+    assert first.steps["reset-1"].status is Status.FAILED
+    assert real_ledger.steps.step("reset-1").state is StepState.FAILED
+    # The next run leaves it alone: it may have reset the key.
+    _, second = run_threads(real_ledger, steps_plan, SimulatedFleet(), settings=SETTINGS)
+    assert second.steps["reset-1"].status is Status.FAILED
+    assert "re-arms" in (second.steps["reset-1"].error or "")
+    assert len(_started(real_ledger, "reset-1")) == 1
+    # An operator re-arms it, with a reason: then, and only then, it runs once more.
+    real_ledger.steps.decide(
+        "reset-1", StepEvent.REARM, actor="A. Osei", reason="the script failed before the reset"
+    )
+    _, third = run_threads(real_ledger, steps_plan, SimulatedFleet(), settings=SETTINGS)
+    assert third.ok, third
+    assert len(_started(real_ledger, "reset-1")) == 2
+
+
+def plan_with_approval(the_plan: Plan, names: tuple[str, ...]) -> Plan:
+    procedures = {n: replace(step, approval=n in names) for n, step in the_plan.estate.procedures.items()}
+    return replace(the_plan, estate=replace(the_plan.estate, procedures=procedures))
