@@ -493,6 +493,14 @@ class Campaign:
             return {}, {}, set(), {}
         ledger_steps = self.ledger.steps
         for name in ledger_steps.interrupt_dead(self.actor):
+            if (
+                self.plan.estate.procedures.get(name) is not None
+                and self.plan.estate.procedures[name].repeatable
+            ):
+                log.warning(
+                    "step %s was running in a run that is gone: it is repeatable, it runs again", name
+                )
+                continue
             log.warning(
                 "step %s was running in a run that is gone: it may have run, so it is not run again "
                 "until an operator decides (restore decide rearm|done_by_hand %s)",

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,10 +18,12 @@ from sqlalchemy.engine import Engine
 
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.drivers.procedures import StepOutput, fingerprint
+from restore_flows.errors import LedgerError
 from restore_flows.execution.campaign import CampaignSettings, Named, Status
 from restore_flows.execution.eta import as_utc
 from restore_flows.inventory.loader import load_estate
 from restore_flows.inventory.procedures import ProcedureStep
+from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import Plan, plan
 from restore_flows.scheduling.forecast import forecast
@@ -187,3 +194,98 @@ def test_a_step_that_may_have_run_is_never_run_again_without_an_operator(
 def plan_with_approval(the_plan: Plan, names: tuple[str, ...]) -> Plan:
     procedures = {n: replace(step, approval=n in names) for n, step in the_plan.estate.procedures.items()}
     return replace(the_plan, estate=replace(the_plan.estate, procedures=procedures))
+
+
+def _run_worker(directory: Path, url: str, *, time_scale: float, pace: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("steps_worker.py")),
+            str(directory),
+            url,
+            str(time_scale),
+            str(pace),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+
+
+def _kill_when(process: subprocess.Popen[str], ledger: Ledger, condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the condition never came"
+        time.sleep(0.02)  # polling the ledger, not timing: the kill lands wherever the run is
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def _state(ledger: Ledger, step: str) -> StepState:
+    return ledger.steps.step(step).state
+
+
+# Stages and steps take a second or two; the 10 h between the resets takes 600 * WAIT_PACE min = 7 s.
+SCALE = 0.0015
+WAIT_PACE = 0.0002
+
+
+@pytest.mark.parametrize("moment", ["during reset-1", "between the resets"])
+def test_kill_9_between_or_during_steps_never_repeats_a_reset(
+    write_inventory: WriteInventory, tmp_path: Path, moment: str
+) -> None:
+    directory = write_inventory(estate=ESTATE, steps=STEPS)
+    url = f"sqlite:///{tmp_path / 'kill.sqlite3'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    ledger = Ledger(engine)
+    worker = _run_worker(directory, url, time_scale=SCALE, pace=WAIT_PACE)
+    if moment == "during reset-1":
+        _kill_when(worker, ledger, lambda: _has_step(ledger, "reset-1", StepState.RUNNING))
+    else:
+        _kill_when(
+            worker,
+            ledger,
+            lambda: (
+                _has_step(ledger, "reset-1", StepState.DONE)
+                and _state(ledger, "reset-2") is StepState.PENDING
+            ),
+        )
+    again = _run_worker(directory, url, time_scale=SCALE, pace=WAIT_PACE)
+    out, err = again.communicate(timeout=300)
+    if moment == "during reset-1":
+        # It may have reset the key: the next run does not run it again, and says who must decide.
+        assert "not complete" in out, err
+        assert _state(ledger, "reset-1") is StepState.INTERRUPTED
+        assert "restore decide rearm|done_by_hand reset-1" in err
+        assert len(_started(ledger, "reset-1")) == 1
+        ledger.steps.decide(
+            "reset-1", StepEvent.DONE_BY_HAND, actor="A. Osei", reason="the DC's event log shows the reset"
+        )
+        out, err = _run_worker(directory, url, time_scale=SCALE, pace=WAIT_PACE).communicate(timeout=300)
+    assert " ok" in out, err
+    assert all(r.state is StepState.DONE for r in ledger.steps.states().values())
+    assert len(_started(ledger, "reset-1")) == 1
+    assert len(_started(ledger, "reset-2")) == 1
+    [started_2] = _started(ledger, "reset-2")
+    assert started_2 - _done_at(ledger, "reset-1") >= dt.timedelta(minutes=600 * WAIT_PACE)
+    engine.dispose()
+
+
+def _has_step(ledger: Ledger, step: str, state: StepState) -> bool:
+    try:
+        return _state(ledger, step) is state
+    except LedgerError:  # not enrolled yet: the worker is starting
+        return False
+
+
+def _done_at(ledger: Ledger, step: str) -> dt.datetime:
+    # Done by the run, or by hand: the wait counts from when it was done.
+    [done] = [
+        e.at
+        for e in ledger.steps.history(step).log
+        if e.event in (StepEvent.SUCCEED.value, StepEvent.DONE_BY_HAND.value)
+    ]
+    return as_utc(done)

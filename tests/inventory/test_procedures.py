@@ -68,6 +68,7 @@ procedures:
     needs: [reset-1]
     http: {url: "https://vault.example/rotate", status: 202}
     minutes: 30
+    repeatable: true
 """
 
 
