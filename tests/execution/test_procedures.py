@@ -31,7 +31,7 @@ from restore_flows.scheduling.runner import Retries
 from restore_flows.states import HostState, StepEvent, StepState
 from tests.conftest import WriteInventory
 from tests.execution.conftest import run_threads
-from tests.inventory.test_procedures import ESTATE, STEPS
+from tests.inventory.procedure_estate import ESTATE, STEPS
 
 # A wait of 600 planned minutes takes 600 * PACE real minutes: 1.8 s.
 PACE = 0.00005

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,27 @@ class Served:
 
     def ledger(self) -> Ledger:
         return Ledger(make_engine(self.ledger_url))
+
+
+def serve_inventory(server: PrefectServer, tmp_path: Path, **files: str) -> Served:
+    """Start serving the deployments with the inventory ``files`` (name -> YAML) and a rehearsal
+    ledger of their own under ``tmp_path``; the caller stops it."""
+    inventory = tmp_path / "inventory"
+    inventory.mkdir()
+    for name, text in files.items():
+        (inventory / f"{name}.yaml").write_text(textwrap.dedent(text))
+    ledger_url = f"sqlite:///{tmp_path / 'rehearsal.sqlite3'}"
+    env = server.client_env()
+    env.update(
+        RESTORE_INVENTORY=str(inventory),
+        RESTORE_DATA_DIR=str(tmp_path / "data"),
+        RESTORE_REHEARSAL_DATABASE_URL=ledger_url,
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("PYTHONWARNINGS", None)
+    serving = Served(server, env, ledger_url, tmp_path / "serve.log")
+    serving.start()
+    return serving
 
 
 def api_client(server: PrefectServer) -> SyncPrefectClient:

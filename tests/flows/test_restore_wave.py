@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -36,6 +35,7 @@ from tests.flows.served import (
     eventually,
     final_state,
     latest_artifact,
+    serve_inventory,
     start_run,
 )
 
@@ -81,20 +81,7 @@ groups:
 
 @pytest.fixture
 def served(prefect_api: PrefectServer, tmp_path: Path) -> Iterator[Served]:
-    inventory = tmp_path / "inventory"
-    inventory.mkdir()
-    (inventory / "estate.yaml").write_text(textwrap.dedent(ESTATE))
-    ledger_url = f"sqlite:///{tmp_path / 'rehearsal.sqlite3'}"
-    env = prefect_api.client_env()
-    env.update(
-        RESTORE_INVENTORY=str(inventory),
-        RESTORE_DATA_DIR=str(tmp_path / "data"),
-        RESTORE_REHEARSAL_DATABASE_URL=ledger_url,
-        PYTHONUNBUFFERED="1",
-    )
-    env.pop("PYTHONWARNINGS", None)
-    serving = Served(prefect_api, env, ledger_url, tmp_path / "serve.log")
-    serving.start()
+    serving = serve_inventory(prefect_api, tmp_path, estate=ESTATE)
     yield serving
     serving.stop()
 
