@@ -125,7 +125,7 @@ def _fail(text: str, status: int = EXIT_INVALID) -> NoReturn:
 
 
 def _load_or_exit(directory: Path) -> LoadResult:
-    result = load_inventory(directory)
+    result = load_inventory(directory, max_hosts=Settings().max_hosts)
     render.diagnostics(_err(), result.diagnostics)
     if result.estate is None:
         errors = len(result.errors)

@@ -12,17 +12,30 @@ Each line of ``expected.txt`` that is neither empty nor a ``#`` comment reads::
 - ``TEXT`` must be a substring of the diagnostic's ``field: message``.
 - ``warning `` expects a warning; otherwise an error is expected.
 
+A comment ``# secret: TEXT`` says that the case holds a credential: ``TEXT`` must appear nowhere in what
+``restore validate`` prints, since a message that repeats a secret leaks it a second time.
+
 Each expected line must match exactly one diagnostic, and there must be no diagnostic beyond those
 expected: a case with errors loads no estate and makes ``restore validate`` exit with status 2; a case
 with warnings only loads an estate and exits with status 0.
 
+Every case is also run in a child process of its own, which must answer within ``MAX_SECONDS`` and
+``MAX_RSS_MB`` (hostile input: alias bombs, huge ranges, dense dependencies).
+
 To add a case: write the inventory, run ``restore validate`` on it, check that what it says is right,
-then write ``expected.txt`` for the right behaviour.
+then write ``expected.txt`` for the right behaviour. ``restore validate`` with the case's directory
+prints the same; the size of the corpus: ``pytest tests/inventory/test_broken_corpus.py --collect-only
+-q -k bounds``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import resource
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +51,9 @@ CASES = sorted(path for path in CORPUS.iterdir() if path.is_dir())
 DIRECTORY = "."
 """How ``expected.txt`` names the case directory itself."""
 
+_SECRET_LINE = re.compile(r"^#\s*secret:\s(?P<text>.+)$")
+MAX_SECONDS = 5.0
+MAX_RSS_MB = 500
 _EXPECTED_LINE = re.compile(r"^(?:(?P<warning>warning) )?(?P<file>[^\s:]+):(?P<line>[0-9]+): (?P<text>.+)$")
 
 
@@ -92,9 +108,17 @@ def read_expected(case: Path) -> list[Expected]:
     return expected
 
 
+def read_secrets(case: Path) -> list[str]:
+    text = (case / "expected.txt").read_text(encoding="utf-8")
+    return [m["text"] for line in text.splitlines() if (m := _SECRET_LINE.match(line.strip()))]
+
+
 def relative_file(diagnostic: Diagnostic, case: Path) -> str:
-    """The diagnostic's file relative to the case directory: ``.`` for the directory itself."""
-    path = Path(diagnostic.file).resolve()
+    """The diagnostic's file relative to the case directory: ``.`` for the directory itself.
+
+    The file itself is not resolved: a diagnostic about a link names the link."""
+    written = Path(diagnostic.file)
+    path = written.parent.resolve() / written.name
     try:
         return path.relative_to(case.resolve()).as_posix()
     except ValueError:
@@ -129,8 +153,11 @@ def test_expected_txt_points_into_the_case(case: Path) -> None:
             assert expected.line == 1, f"{expected.origin}: the directory itself is always line 1"
             continue
         target = case / expected.file
+        if target.is_symlink() and not target.exists():
+            assert expected.line == 1, f"{expected.origin}: a dangling link has no lines but line 1"
+            continue
         assert target.is_file(), f"{expected.origin}: no file {expected.file} in {case.name}"
-        lines = len(target.read_text(encoding="utf-8").splitlines())
+        lines = len(target.read_bytes().splitlines())  # bytes: a case may hold invalid UTF-8
         assert 1 <= expected.line <= lines, f"{expected.origin}: {expected.file} has {lines} lines"
 
 
@@ -172,6 +199,8 @@ def test_validate_command_prints_each_location(case: Path) -> None:
 
     assert "Traceback" not in output, output
     assert result.exception is None or isinstance(result.exception, SystemExit), output
+    for secret in read_secrets(case):
+        assert secret not in output, f"{case.name}: the secret is repeated in what is printed:\n{output}"
     has_errors = count(expected, Severity.ERROR) > 0
     assert result.exit_code == (EXIT_INVALID if has_errors else 0), output
     if not has_errors:
@@ -184,3 +213,55 @@ def test_validate_command_prints_each_location(case: Path) -> None:
         assert printed, f"{item.origin}: '{name}:{item.line}: ...{item.text}' not printed:\n{output}"
         if item.severity is Severity.WARNING:
             assert all("warning: " in line for line in printed), output
+
+
+def _validate_in_child(case: Path, write_end: int) -> None:
+    """In the forked child: run ``restore validate``, send back exit status and output, never return."""
+    status = 1
+    try:
+        # A safety net for the machine, well above the bound that the parent checks.
+        limit = 4 * MAX_RSS_MB * 2**20 + _address_space()
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        signal.alarm(int(MAX_SECONDS * 6))
+        result = CliRunner().invoke(app, ["validate", str(case)])
+        crashed = None
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            crashed = repr(result.exception)
+        os.write(write_end, json.dumps([result.exit_code, result.output[-4000:], crashed]).encode())
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _address_space() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_each_case_is_answered_within_bounds(case: Path) -> None:
+    """Exit 2 (or 0 for warnings only) with no traceback, in under 5 s and 500 MB, in a process of its
+    own so that time and peak memory are this case's. The peak (``ru_maxrss`` of the child) counts the
+    test process's pages the child shares, so it is an upper bound on what ``restore validate`` uses."""
+    has_errors = count(read_expected(case), Severity.ERROR) > 0
+    read_end, write_end = os.pipe()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read_end)
+        _validate_in_child(case, write_end)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    _, wait_status, usage = os.wait4(pid, 0)
+    elapsed = time.monotonic() - started
+    peak_mb = usage.ru_maxrss / 1024
+    assert os.waitstatus_to_exitcode(wait_status) == 0, f"{case.name}: the child died ({wait_status})"
+    exit_code, output, crashed = json.loads(b"".join(chunks))
+    assert crashed is None, f"{case.name}: {crashed}\n{output}"
+    assert "Traceback" not in output, output
+    assert exit_code == (EXIT_INVALID if has_errors else 0), output
+    assert elapsed <= MAX_SECONDS, f"{case.name}: {elapsed:.1f} s, more than {MAX_SECONDS} s"
+    assert peak_mb <= MAX_RSS_MB, f"{case.name}: peak {peak_mb:.0f} MB, more than {MAX_RSS_MB} MB"
