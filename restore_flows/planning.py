@@ -23,6 +23,8 @@ from typing import Any
 from restore_flows.inventory.estate import Estate, Host
 from restore_flows.inventory.models import CATCH_ALL, HostKind
 
+MAX_CHAIN_SHOWN = 8
+
 
 @dataclass(frozen=True, slots=True)
 class PlannedHost:
@@ -33,7 +35,11 @@ class PlannedHost:
     pulled_forward_by: str | None
     """The dependent that pulled it into an earlier wave, or None."""
     pulled_forward_chain: tuple[str, ...]
-    """From the direct dependent to the host whose own wave it is: why it moved."""
+    """From the direct dependent to the host whose own wave it is: why it moved. A long chain keeps its
+    first ``MAX_CHAIN_SHOWN - 1`` links and that last host (``pulled_forward_depth`` counts them all):
+    written out in full, a chain of n hosts costs n^2 (2,000 hosts, 45 MB of plan)."""
+    pulled_forward_depth: int = 0
+    """The links of the whole chain."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,7 @@ class Plan:
                     "forensic_hold": hosts[name].forensic_hold,
                     "pulled_forward_by": planned.pulled_forward_by,
                     "pulled_forward_chain": list(planned.pulled_forward_chain),
+                    "pulled_forward_depth": planned.pulled_forward_depth,
                 }
                 for wave in self.waves
                 for name in wave.hosts
@@ -165,19 +172,24 @@ def plan(estate: Estate) -> Plan:
     if any(count > 0 for count in waiting.values()):
         raise ValueError("dependency cycle: validate the inventory before planning")
 
+    roots = _chain_roots(pulled_by)
     planned_hosts: dict[str, PlannedHost] = {}
     for name in hosts:
         chain: list[str] = []
         cursor = pulled_by.get(name)
-        while cursor is not None:
+        while cursor is not None and len(chain) < MAX_CHAIN_SHOWN:
             chain.append(cursor)
             cursor = pulled_by.get(cursor)
+        root, depth = roots.get(name, ("", 0))
+        if depth > len(chain):
+            chain[-1] = root
         planned_hosts[name] = PlannedHost(
             name=name,
             wave=waves[assigned[name]].name,
             own_wave=waves[own[name]].name,
             pulled_forward_by=pulled_by.get(name),
             pulled_forward_chain=tuple(chain),
+            pulled_forward_depth=depth,
         )
 
     members: list[list[str]] = [[] for _ in waves]
@@ -192,6 +204,23 @@ def plan(estate: Estate) -> Plan:
         for index, wave in enumerate(waves)
     )
     return Plan(estate=estate, waves=planned_waves, hosts=planned_hosts)
+
+
+def _chain_roots(pulled_by: Mapping[str, str]) -> dict[str, tuple[str, int]]:
+    """For each pulled host, the end of its chain and the chain's length, in time linear in the hosts:
+    each host's answer is its puller's, one link longer."""
+    found: dict[str, tuple[str, int]] = {}
+    for start in pulled_by:
+        path: list[str] = []
+        cursor = start
+        while cursor in pulled_by and cursor not in found:
+            path.append(cursor)
+            cursor = pulled_by[cursor]
+        root, depth = found.get(cursor, (cursor, 0))
+        for name in reversed(path):
+            depth += 1
+            found[name] = (root, depth)
+    return found
 
 
 def _start_order(names: list[str], hosts: Mapping[str, Host], services: list[str]) -> tuple[str, ...]:

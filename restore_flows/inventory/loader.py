@@ -166,7 +166,6 @@ class _Item(Generic[_ItemT]):
 class _Budget:
     """What the hosts built so far add up to, against the limits that keep a typo from costing hours."""
 
-    hosts: int = 0
     dependencies: int = 0
     exceeded: bool = False
     """A limit was reached and said once; later entries are dropped without a word."""
@@ -286,7 +285,8 @@ class _Loader:
             self.unreadable = True
             return
         except (OSError, UnicodeDecodeError) as exc:
-            self.error(name, 1, "", f"cannot read the file: {exc}")
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            self.error(name, 1, "", f"cannot read the file: {why}")
             self.unreadable = True
             return
         if raw is None:
@@ -513,6 +513,8 @@ class _Loader:
         hosts: dict[str, Host] = {}
         first_seen: dict[str, Location] = {}
         budget = _Budget()
+        if self._too_many_hosts():
+            return hosts
         for entry in self.entries:
             host_layer = entry.layers[0]
             role_item: _Item[Role] | None = None
@@ -535,7 +537,7 @@ class _Loader:
                 + ((role_item.model,) if role_item else ()),
                 entry.layers + ((role_item.layer,) if role_item else ()),
             )
-            names = self._names(entry, budget)
+            names = self._names(entry)
             if names is None:
                 continue
             name_location = Location(*host_layer.where("name")[:2])
@@ -571,24 +573,32 @@ class _Loader:
                 )
         return hosts
 
-    def _names(self, entry: _HostEntry, budget: _Budget) -> list[str] | None:
+    def _too_many_hosts(self) -> bool:
+        """Counted before anything is expanded, so that refusing 2,000,000 hosts costs nothing."""
+        counts: list[tuple[int, _HostEntry]] = []
+        for entry in self.entries:
+            try:
+                counts.append((size(entry.spec.name), entry))
+            except RangeError:
+                continue  # reported when the entry is built
+        total = sum(count for count, _ in counts)
+        if total <= self.max_hosts:
+            return False
+        largest, entry = max(counts, key=lambda item: item[0])
+        self.error(
+            *entry.layers[0].where("name"),
+            f"the inventory's names expand to {total:,} hosts, more than the {self.max_hosts:,} allowed "
+            f"(the setting RESTORE_MAX_HOSTS); the largest range, {entry.spec.name!r}, is {largest:,} "
+            "hosts: a range with an extra digit?",
+        )
+        self.unreadable = True  # what follows from hosts left out is noise
+        return True
+
+    def _names(self, entry: _HostEntry) -> list[str] | None:
         """The names an entry stands for, or None (reported) when they are malformed or too many."""
         pattern = entry.spec.name
         where = entry.layers[0].where("name")
         try:
-            count = size(pattern)
-            if budget.hosts + count > self.max_hosts:
-                if not budget.exceeded:
-                    self.error(
-                        *where,
-                        f"{pattern!r} would bring the inventory to {budget.hosts + count:,} hosts or more; "
-                        f"at most {self.max_hosts:,} (the setting RESTORE_MAX_HOSTS): a range with an "
-                        "extra digit?",
-                    )
-                budget.exceeded = self.unreadable = True  # what follows from the missing hosts is noise
-                self.broken["hosts"].add(pattern)
-                return None
-            budget.hosts += count
             names = expand(pattern)
         except RangeError as exc:
             self.error(*where, str(exc))

@@ -35,6 +35,7 @@ import os
 import re
 import resource
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,3 +266,64 @@ def test_each_case_is_answered_within_bounds(case: Path) -> None:
     assert exit_code == (EXIT_INVALID if has_errors else 0), output
     assert elapsed <= MAX_SECONDS, f"{case.name}: {elapsed:.1f} s, more than {MAX_SECONDS} s"
     assert peak_mb <= MAX_RSS_MB, f"{case.name}: peak {peak_mb:.0f} MB, more than {MAX_RSS_MB} MB"
+
+
+_READABLE = """
+waves: [{name: rest, services: ["*"]}]
+sites: [{name: dc1, kind: datacenter}]
+roles: [{name: app, kind: server}]
+hosts:
+  - {name: app-01, role: app, site: dc1, depends_on: [db-01]}
+"""
+_HIDDEN = "hosts:\n  - {name: db-01, role: app, site: dc1}\n"
+NOBODY = 65534
+
+
+def _load_as_another_user(directory: Path) -> list[tuple[str, int, str]]:
+    """Load ``directory`` in a child that cannot read what was made unreadable: the root user reads
+    everything, so as root the child gives up its privileges first."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.close(read_end)
+            if os.getuid() == 0:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            result = load_inventory(directory)
+            found = [(relative_file(d, directory), d.line, d.message) for d in result.diagnostics]
+            os.write(write_end, json.dumps(found).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    _, wait_status, _ = os.wait4(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    return [tuple(item) for item in json.loads(b"".join(chunks))]
+
+
+@pytest.mark.parametrize("unreadable", ["more", "more/db.yaml"])
+def test_an_unreadable_folder_or_file_is_reported_once(unreadable: str) -> None:
+    """Never skipped in silence (its hosts would be missing from the plan), and what its absence causes
+    elsewhere (app-01's unknown dependency) is not reported on top."""
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        directory.chmod(0o755)  # the unprivileged child must reach it
+        (directory / "estate.yaml").write_text(_READABLE)
+        (directory / "more").mkdir(mode=0o755)
+        (directory / "more" / "db.yaml").write_text(_HIDDEN)
+        (directory / "estate.yaml").chmod(0o644)
+        (directory / unreadable).chmod(0o000)
+        try:
+            found = _load_as_another_user(directory)
+        finally:
+            (directory / unreadable).chmod(0o755)
+    what = "folder" if unreadable == "more" else "file"
+    assert len(found) == 1, found
+    assert found[0][:2] == (unreadable, 1), found
+    assert f"cannot read the {what}: Permission denied" in found[0][2], found
