@@ -757,7 +757,11 @@ class _Loader:
             ):
                 if not value:
                     continue
-                first, first_key, first_what = owners.setdefault(_machine_key(key, value), (host, key, what))
+                machine = _machine_key(key, value)
+                if key == "bmc" and host.bmc is not None and host.bmc.system_id is not None:
+                    # One BMC managing several systems (a chassis, an emulator): the system is the box.
+                    machine = f"system:{machine}#{host.bmc.system_id}"
+                first, first_key, first_what = owners.setdefault(machine, (host, key, what))
                 if first is host:
                     continue
                 file, line, path = self._host_where(host, key)
@@ -841,7 +845,13 @@ def _machine_key(key: str, value: str) -> str:
     if key == "mac":
         return "mac:" + text.replace("-", ":")
     if "://" in text:
-        text = urlsplit(text).hostname or text
+        # A BMC forwarded to another port of one address (a jump host, a test emulator) is another BMC.
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        text = (parts.hostname or text) + (f":{port}" if port not in (None, 80, 443) else "")
     return "ip:" + text
 
 
