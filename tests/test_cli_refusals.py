@@ -77,6 +77,16 @@ def _read_only_data_dir(tmp: Path) -> dict[str, str]:
     return {"RESTORE_DATA_DIR": "/proc/restore-data"}
 
 
+def _infinite_duration(tmp: Path) -> dict[str, str]:
+    # Accepted once, this sent a host to 'wiping' with an OverflowError that no operator could undo.
+    (tmp / "inf").mkdir()
+    (tmp / "inf" / "x.yaml").write_text(
+        "waves: [{name: rest, services: ['*']}]\nsites: [{name: x, kind: hospital}]\n"
+        "roles: [{name: r, kind: server}]\nhosts: [{name: h-01, role: r, site: x, durations: {wipe: .inf}}]\n"
+    )
+    return {**_migrated(tmp), "RESTORE_INVENTORY": str(tmp / "inf")}
+
+
 def _alias_bomb(tmp: Path) -> dict[str, str]:
     (tmp / "bomb").mkdir()
     levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
@@ -138,6 +148,21 @@ CASES = [
     Case("validate-alias-bomb", ["validate"], _alias_bomb, 2, "refused as an alias bomb"),
     Case("plan-alias-bomb", ["plan"], _alias_bomb, 2, "the inventory cannot be used"),
     Case("status-alias-bomb", ["status"], _alias_bomb, 2, "the inventory cannot be used"),
+    Case(
+        "rehearse-infinite-duration",
+        ["rehearse"],
+        _infinite_duration,
+        2,
+        "durations.wipe: Input should be a finite",
+    ),
+    Case(
+        "forecast-infinite-duration",
+        ["forecast", "--fresh"],
+        _infinite_duration,
+        2,
+        "should be a finite number",
+    ),
+    Case("run-infinite-duration", ["run", "rest"], _infinite_duration, 2, "the inventory cannot be used"),
     Case("validate-missing-dir", ["validate", "nowhere"], _no_env, 2, "does not exist"),
     Case("plan-missing-dir", ["plan", "nowhere"], _no_env, 2, "does not exist"),
     Case("status-missing-inventory", ["status", "-i", "nowhere"], _migrated, 2, "does not exist"),

@@ -82,9 +82,9 @@ class LoadResult:
         return [d for d in self.diagnostics if d.severity is Severity.WARNING]
 
 
-def load_estate(directory: Path) -> Estate:
+def load_estate(directory: Path, max_hosts: int = DEFAULT_MAX_HOSTS) -> Estate:
     """The estate, or ``InventoryError`` with every diagnostic."""
-    result = load_inventory(directory)
+    result = load_inventory(directory, max_hosts)
     if result.estate is None:
         raise InventoryError(result.diagnostics)
     return result.estate
