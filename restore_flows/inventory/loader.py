@@ -329,7 +329,7 @@ class _Loader:
     def _collect_item_by_item(self, file: str, raw: SourceMap, secret_paths: set[Loc]) -> None:
         """The slow path, taken only when a file has mistakes: validate each item on its own."""
         for key in raw:
-            if key not in InventoryFile.model_fields:
+            if key not in InventoryFile.model_fields and (key,) not in secret_paths:
                 message = f"unknown section '{key}'"
                 close = difflib.get_close_matches(str(key), list(InventoryFile.model_fields), n=1)
                 message += (

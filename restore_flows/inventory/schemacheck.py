@@ -131,7 +131,19 @@ def find_literal_secrets(raw: Any, file: str) -> tuple[list[Diagnostic], set[Loc
         for key, value, line in items:
             if isinstance(value, SourceMap | SourceList):
                 stack.append((value, (*loc, key)))
-            if isinstance(key, str) and key.lower() in SECRET_KEYS and value not in (None, ""):
+            if isinstance(key, str) and (kind := secret_in_value(None, key)) is not None:
+                # Written as a key: the field path must not name it either.
+                paths.add((*loc, key))
+                found.append(
+                    Diagnostic(
+                        file,
+                        line,
+                        format_path((*loc, "(a key)")),
+                        f"{kind} is written in the inventory, as a key; remove it and rotate it, it must "
+                        "be considered leaked",
+                    )
+                )
+            elif isinstance(key, str) and key.lower() in SECRET_KEYS and value not in (None, ""):
                 where = (*loc, key)
                 paths.add(where)
                 found.append(

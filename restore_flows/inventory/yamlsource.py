@@ -257,6 +257,13 @@ def parse_yaml(text: str, display_name: str) -> Any:
             # In YAML '{' opens a mapping: the commonest slip with pool and dependency templates.
             problem += "; quote values that contain '{site}', e.g. \"imaging-{site}\""
         raise YamlSyntaxError(Location(display_name, line), f"YAML syntax: {problem}") from None
+    except yaml.reader.ReaderError as exc:
+        # A character YAML does not take (a NUL of a binary file): its offset says where it is.
+        line = text.count("\n", 0, exc.position) + 1
+        what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise YamlSyntaxError(
+            Location(display_name, line), f"YAML syntax: unacceptable character {what}: {exc.reason}"
+        ) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(Location(display_name, 1), f"YAML syntax: {exc}") from None
     finally:
