@@ -249,12 +249,23 @@ def validation_diagnostics(
                 pass  # never repeat what may be a credential
             elif isinstance(given, str | int | float | bool) or given is None:
                 message += f" (got {given!r})"
+                if kind in ("float_type", "int_type") and isinstance(given, str) and _is_number(given):
+                    # YAML 1.1 reads 1e3 (no dot) and quoted numbers as text.
+                    message += "; this is text to YAML: write a plain number such as 1000 or 1.0e+3"
             elif isinstance(given, dict):
                 message += " (got a mapping)"
             elif isinstance(given, list):
                 message += " (got a list)"
         out.append(Diagnostic(file, line, format_path(full), message))
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _explained_by_another_member(loc: Loc, error: Any, errors: Sequence[Any]) -> bool:
