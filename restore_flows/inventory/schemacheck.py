@@ -67,6 +67,9 @@ _PASSWORD_ARGUMENT = re.compile(
 )
 # Keys whose value is a user name: 'admin:Hunter2!' is a user and its password.
 _USER_KEYS = frozenset({"user", "username", "login"})
+# An address with user-info but no scheme: 'root:calvin@10.0.0.9'.
+_ADDRESS_KEYS = frozenset({"address", "url", "host"})
+_BARE_USERINFO = re.compile(r"^[^\s/@:]+:[^\s/@]+@")
 # A cheap pre-check on the file's text, so that the walk over every value runs only for files that
 # might hold a secret. It may say yes wrongly (a comment, a description); it never says no wrongly:
 # every rule above needs one of these marks in the text (each secret key contains one, so do the
@@ -74,7 +77,7 @@ _USER_KEYS = frozenset({"user", "username", "login"})
 # costs more than the walk it saves.
 _MARKS = (
     *("pass", "pwd", "secret", "token", "api", "access", "private_key", "credentials"),
-    *("-----begin", "putty-user-key", "://", "user", "login", "mysql", "plaintext"),
+    *("-----begin", "putty-user-key", "://", "@", "user", "login", "mysql", "plaintext"),
 )
 
 
@@ -98,6 +101,8 @@ def secret_in_value(key: object, value: str) -> str | None:
             return "a credential in a URL's query"
     if isinstance(key, str) and key.lower() in _USER_KEYS and ":" in value:
         return "a user name followed by ':' and a password"
+    if isinstance(key, str) and key.lower() in _ADDRESS_KEYS and "@" in value and _BARE_USERINFO.match(value):
+        return "a password in an address (user:password@)"
     if _PASSWORD_ARGUMENT.search(value):
         return "a password given as a command argument"
     return None

@@ -198,6 +198,7 @@ def test_each_dependency_gates_the_stage_that_needs_it(write_inventory: WriteInv
         *(f"{key}: x" for key in sorted(schemacheck.SECRET_KEYS | schemacheck._USER_KEYS)),
         "description: '-----BEGIN PGP PRIVATE KEY BLOCK-----'",
         "url: https://a:b@h/",
+        "address: root:calvin@10.0.0.9",
         "command: sshpass -p x ssh h",
         "command: mysql -px",
         "command: net use \\\\fs /user:svc x",
