@@ -6,11 +6,17 @@ is PyYAML's own C loader reading the same files with no line numbers and no vali
 to watch is how much our line-aware load, validation and planning add on top of bare parsing.
 
     .venv/bin/python benchmarks/inventory_load.py [--inventory inventory] [--sizes 1,10,100]
+        [--chains 2000,5000]
+
+``--chains`` also plans estates that are one dependency chain (each host needs the one before, and only
+the last is in the first wave, so that every other host is pulled forward): load, plan, and the plan
+as ``restore plan`` prints it. Time and output must grow linearly with the chain.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -19,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import Console
 
+from restore_flows import render
 from restore_flows.inventory.loader import load_inventory
 from restore_flows.planning import plan
 
@@ -81,6 +89,34 @@ def time_ours(directory: Path) -> tuple[float, int]:
     return elapsed, len(the_plan.hosts)
 
 
+def write_chain(length: int, out: Path) -> None:
+    lines = [
+        "waves: [{name: core, services: [identity]}, {name: rest, services: ['*']}]",
+        "sites: [{name: dc1, kind: datacenter}]",
+        "roles: [{name: dc, kind: server, services: [identity]}, {name: app, kind: server}]",
+        "hosts:",
+        "  - {name: h-000000, role: app, site: dc1}",
+    ]
+    for index in range(1, length):
+        role = "dc" if index == length - 1 else "app"
+        lines.append(f"  - {{name: h-{index:06d}, role: {role}, site: dc1, depends_on: [h-{index - 1:06d}]}}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chain.yaml").write_text("\n".join(lines) + "\n")
+
+
+def time_chain(directory: Path) -> tuple[float, float, int]:
+    """Seconds to load and plan, seconds to print the plan, and the printed plan's size in bytes."""
+    started = time.perf_counter()
+    result = load_inventory(directory)
+    assert result.estate is not None
+    the_plan = plan(result.estate)
+    planned = time.perf_counter() - started
+    printed = io.StringIO()
+    started = time.perf_counter()
+    render.plan(Console(file=printed, width=160), the_plan)
+    return planned, time.perf_counter() - started, len(printed.getvalue().encode())
+
+
 def time_baseline(directory: Path) -> float:
     started = time.perf_counter()
     for path in sorted(directory.rglob("*.yaml")):
@@ -92,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--inventory", type=Path, default=Path("inventory"))
     parser.add_argument("--sizes", default="1,10,100", help="Multiples of the sample estate.")
+    parser.add_argument("--chains", default="", help="Lengths of dependency chains to plan, e.g. 2000,5000.")
     parser.add_argument("--json", action="store_true", help="Also print the figures as JSON.")
     args = parser.parse_args()
     rows: list[dict[str, float | int]] = []
@@ -129,6 +166,26 @@ def main() -> None:
             f"growth: {last['hosts']:,} hosts cost {growth:.2f}x per host what {first['hosts']:,} do "
             "(1.00 = linear)"
         )
+    chains = [int(c) for c in args.chains.split(",") if c]
+    if chains:
+        print(f"{'chain':>7} {'load+plan s':>12} {'print s':>8} {'plan bytes':>11} {'bytes/host':>11}")
+    with tempfile.TemporaryDirectory(prefix="restore-chain-") as scratch:
+        for length in chains:
+            directory = Path(scratch) / f"chain{length}"
+            write_chain(length, directory)
+            planned, printed, size = time_chain(directory)
+            rows.append(
+                {
+                    "chain": length,
+                    "seconds": round(planned, 3),
+                    "print_seconds": round(printed, 3),
+                    "bytes": size,
+                }
+            )
+            print(
+                f"{length:>7,} {planned:>12.2f} {printed:>8.2f} {size:>11,} {size / length:>11.0f}",
+                flush=True,
+            )
     if args.json:
         print(json.dumps(rows))
 

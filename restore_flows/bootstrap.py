@@ -52,7 +52,7 @@ def open_ledger(settings: Settings, *, rehearsal: bool = False, migrate: bool = 
 
 def load_and_sync(context: Context, inventory: Path) -> tuple[Estate, Plan, SyncReport]:
     """Read the inventory, plan it, and bring the ledger's host list up to date with it."""
-    estate = load_estate(inventory)
+    estate = load_estate(inventory, context.settings.max_hosts)
     the_plan = plan(estate)
     report = context.ledger.sync_inventory(estate, the_plan)
     return estate, the_plan, report

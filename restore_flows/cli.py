@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn, ParamSpec
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 from sqlalchemy import Engine
@@ -125,7 +126,7 @@ def _fail(text: str, status: int = EXIT_INVALID) -> NoReturn:
 
 
 def _load_or_exit(directory: Path) -> LoadResult:
-    result = load_inventory(directory)
+    result = load_inventory(directory, max_hosts=Settings().max_hosts)
     render.diagnostics(_err(), result.diagnostics)
     if result.estate is None:
         errors = len(result.errors)
@@ -160,12 +161,28 @@ def _handled(command: Callable[P, None]) -> Callable[P, None]:
             _fail(f"refused: {exc}", EXIT_REFUSED)
         except (DBAPIError, ArgumentError) as exc:
             _fail(f"error: the ledger database cannot be used: {_database_problem(exc)}")
+        except ValidationError as exc:
+            _fail(f"error: {_settings_problem(exc)}")
         except OSError as exc:
             _fail(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         except RestoreError as exc:
             _fail(f"error: {exc}")
 
     return wrapper
+
+
+def _settings_problem(exc: ValidationError) -> str:
+    """A RESTORE_* variable that does not fit its setting, named as the operator wrote it."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        name = "_".join(str(step) for step in error["loc"])
+        variable = f"RESTORE_{name.upper()}" if exc.title == "Settings" else name
+        shown = ""
+        # URLs and secret names may carry credentials: their values are never repeated.
+        if not any(word in name for word in ("url", "secret", "token", "password", "key")):
+            shown = f" (got {error.get('input')!r})"
+        problems.append(f"{variable}: {error['msg']}{shown}")
+    return "; ".join(problems)
 
 
 def _database_problem(exc: DBAPIError | ArgumentError) -> str:
@@ -636,7 +653,9 @@ def forecast(
     pools: dict[str, int] = {}
     for item in capacity or []:
         name, _, value = item.partition("=")
-        if name not in the_plan.estate.pools or not value.isdigit() or not 1 <= int(value) <= 100_000:
+        # ASCII digits only: str.isdigit() also takes '²', which int() then refuses with a traceback.
+        digits = value.isascii() and value.isdigit()
+        if name not in the_plan.estate.pools or not digits or not 1 <= int(value) <= 100_000:
             raise UsageError(f"--capacity {item!r}: expected POOL=N with a pool of the inventory and N >= 1")
         pools[name] = int(value)
     known = [w.name for w in the_plan.waves]

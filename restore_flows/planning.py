@@ -24,6 +24,8 @@ from restore_flows.inventory.estate import Estate, Host
 from restore_flows.inventory.models import CATCH_ALL, HostKind
 from restore_flows.inventory.procedures import ShellAction
 
+MAX_CHAIN_SHOWN = 8
+
 
 @dataclass(frozen=True, slots=True)
 class PlannedHost:
@@ -34,7 +36,11 @@ class PlannedHost:
     pulled_forward_by: str | None
     """The dependent that pulled it into an earlier wave, or None."""
     pulled_forward_chain: tuple[str, ...]
-    """From the direct dependent to the host whose own wave it is: why it moved."""
+    """From the direct dependent to the host whose own wave it is: why it moved. A long chain keeps its
+    first ``MAX_CHAIN_SHOWN - 1`` links and that last host (``pulled_forward_depth`` counts them all):
+    written out in full, a chain of n hosts costs n^2 (2,000 hosts, 45 MB of plan)."""
+    pulled_forward_depth: int = 0
+    """The links of the whole chain."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,7 @@ class Plan:
                     "forensic_hold": hosts[name].forensic_hold,
                     "pulled_forward_by": planned.pulled_forward_by,
                     "pulled_forward_chain": list(planned.pulled_forward_chain),
+                    "pulled_forward_depth": planned.pulled_forward_depth,
                 }
                 for wave in self.waves
                 for name in wave.hosts
@@ -164,27 +171,7 @@ def plan(estate: Estate) -> Plan:
     catch_all = service_wave.get(CATCH_ALL, len(waves) - 1)
     hosts = estate.hosts
 
-    own: dict[str, int] = {}
-    for name, host in hosts.items():
-        listed = [service_wave[s] for s in host.services if s in service_wave]
-        own[name] = min(listed) if listed else catch_all
-    wave_index = {wave.name: index for index, wave in enumerate(waves)}
-    # Procedure steps are nodes too: a step is a dependency of what it gates and depends on what it
-    # needs, so the hosts it needs are pulled into the wave of the first host that waits for it.
-    depends_on: dict[str, Sequence[str]] = {name: host.depends_on for name, host in hosts.items()}
-    for step in estate.procedures.values():
-        depends_on[step.name] = tuple(dict.fromkeys(need.name for need in step.needs))
-        # A wave's gate: its hosts are not known yet; the step must be done by that wave.
-        own[step.name] = min((wave_index[g.wave] for g in step.gates if g.wave), default=catch_all)
-    for step in estate.procedures.values():
-        needed = {need.name for need in step.needs}
-        for gated in step.gated_hosts():
-            if gated in needed:
-                # It needs an earlier stage of the host it gates (the DC it cleans up before release):
-                # no cycle, but the step belongs to that host's wave at the latest.
-                own[step.name] = min(own[step.name], own[gated])
-            else:
-                depends_on[gated] = (*depends_on[gated], step.name)
+    own, depends_on = _graph(estate, catch_all)
 
     dependents: dict[str, list[str]] = {name: [] for name in depends_on}
     for name, dependencies in depends_on.items():
@@ -214,19 +201,24 @@ def plan(estate: Estate) -> Plan:
     if any(count > 0 for count in waiting.values()):
         raise ValueError("dependency cycle: validate the inventory before planning")
 
+    roots = _chain_roots(pulled_by)
     planned_hosts: dict[str, PlannedHost] = {}
     for name in hosts:
         chain: list[str] = []
         cursor = pulled_by.get(name)
-        while cursor is not None:
+        while cursor is not None and len(chain) < MAX_CHAIN_SHOWN:
             chain.append(cursor)
             cursor = pulled_by.get(cursor)
+        root, depth = roots.get(name, ("", 0))
+        if depth > len(chain):
+            chain[-1] = root
         planned_hosts[name] = PlannedHost(
             name=name,
             wave=waves[assigned[name]].name,
             own_wave=waves[own[name]].name,
             pulled_forward_by=pulled_by.get(name),
             pulled_forward_chain=tuple(chain),
+            pulled_forward_depth=depth,
         )
 
     members: list[list[str]] = [[] for _ in waves]
@@ -248,6 +240,35 @@ def plan(estate: Estate) -> Plan:
     )
 
 
+def _graph(estate: Estate, catch_all: int) -> tuple[dict[str, int], dict[str, Sequence[str]]]:
+    """Each host's and step's own wave (by its services; a step by its gates), and what each depends on."""
+    waves = estate.waves
+    service_wave = estate.wave_of_service()
+    hosts = estate.hosts
+    own: dict[str, int] = {}
+    for name, host in hosts.items():
+        listed = [service_wave[s] for s in host.services if s in service_wave]
+        own[name] = min(listed) if listed else catch_all
+    wave_index = {wave.name: index for index, wave in enumerate(waves)}
+    # Procedure steps are nodes too: a step is a dependency of what it gates and depends on what it
+    # needs, so the hosts it needs are pulled into the wave of the first host that waits for it.
+    depends_on: dict[str, Sequence[str]] = {name: host.depends_on for name, host in hosts.items()}
+    for step in estate.procedures.values():
+        depends_on[step.name] = tuple(dict.fromkeys(need.name for need in step.needs))
+        # A wave's gate: its hosts are not known yet; the step must be done by that wave.
+        own[step.name] = min((wave_index[g.wave] for g in step.gates if g.wave), default=catch_all)
+    for step in estate.procedures.values():
+        needed = {need.name for need in step.needs}
+        for gated in step.gated_hosts():
+            if gated in needed:
+                # It needs an earlier stage of the host it gates (the DC it cleans up before release):
+                # no cycle, but the step belongs to that host's wave at the latest.
+                own[step.name] = min(own[step.name], own[gated])
+            else:
+                depends_on[gated] = (*depends_on[gated], step.name)
+    return own, depends_on
+
+
 def _with_wave_gates(estate: Estate, waves: Sequence[PlannedWave]) -> Estate:
     """The estate with each wave gate's hosts filled in from the plan."""
     if not any(g.wave for step in estate.procedures.values() for g in step.gates):
@@ -261,6 +282,23 @@ def _with_wave_gates(estate: Estate, waves: Sequence[PlannedWave]) -> Estate:
         for name, step in estate.procedures.items()
     }
     return replace(estate, procedures=procedures)
+
+
+def _chain_roots(pulled_by: Mapping[str, str]) -> dict[str, tuple[str, int]]:
+    """For each pulled host, the end of its chain and the chain's length, in time linear in the hosts:
+    each host's answer is its puller's, one link longer."""
+    found: dict[str, tuple[str, int]] = {}
+    for start in pulled_by:
+        path: list[str] = []
+        cursor = start
+        while cursor in pulled_by and cursor not in found:
+            path.append(cursor)
+            cursor = pulled_by[cursor]
+        root, depth = found.get(cursor, (cursor, 0))
+        for name in reversed(path):
+            depth += 1
+            found[name] = (root, depth)
+    return found
 
 
 def _start_order(names: list[str], hosts: Mapping[str, Host], services: list[str]) -> tuple[str, ...]:

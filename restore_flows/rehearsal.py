@@ -103,7 +103,7 @@ def rehearse(
     duration_noise: float = 0.0,
 ) -> bool:
     """Run the estate (or some waves) as one campaign through the flows; True when all came online."""
-    the_plan = plan(load_estate(settings.inventory))
+    the_plan = plan(load_estate(settings.inventory, settings.max_hosts))
     chosen = list(waves) or [w.name for w in the_plan.waves if w.hosts]
     unknown = set(chosen) - {w.name for w in the_plan.waves}
     if unknown:

@@ -101,7 +101,11 @@ def plan(console: Console, the_plan: Plan) -> None:
         table.add_column("because")
         order = {wave.name: i for i, wave in enumerate(the_plan.waves)}
         for planned in sorted(moved, key=lambda p: (order[p.wave], p.name)):
-            chain = " <- ".join(planned.pulled_forward_chain)
+            links = list(planned.pulled_forward_chain)
+            hidden = planned.pulled_forward_depth - len(links)
+            if hidden > 0:
+                links[-1:-1] = [f"... ({hidden:,} more)"]
+            chain = " <- ".join(links)
             table.add_row(planned.name, planned.own_wave, planned.wave, f"needed by {chain}")
         console.print(table)
     if the_plan.steps:

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_MAX_HOSTS = 250_000
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RESTORE_", extra="ignore")
@@ -30,6 +32,15 @@ class Settings(BaseSettings):
         ),
     )
     inventory: Path = Field(default=Path("inventory"), description="Inventory directory (RESTORE_INVENTORY).")
+    max_hosts: int = Field(
+        default=DEFAULT_MAX_HOSTS,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "Most hosts an inventory may hold once its ranges are expanded: a range with an extra digit "
+            "is refused before it costs minutes and gigabytes."
+        ),
+    )
     prefect_host: str = Field(default="127.0.0.1", description="Address the local Prefect server binds.")
     prefect_port: int = Field(default=4200, ge=1, le=65535, description="Port of the local Prefect server.")
     dashboard_port: int = Field(

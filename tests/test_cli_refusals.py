@@ -72,6 +72,29 @@ def _no_env(tmp: Path) -> dict[str, str]:
     return {}
 
 
+def _read_only_data_dir(tmp: Path) -> dict[str, str]:
+    # /proc refuses new directories whoever asks (chmod would not stop the root user of a CI box).
+    return {"RESTORE_DATA_DIR": "/proc/restore-data"}
+
+
+def _infinite_duration(tmp: Path) -> dict[str, str]:
+    # Accepted once, this sent a host to 'wiping' with an OverflowError that no operator could undo.
+    (tmp / "inf").mkdir()
+    (tmp / "inf" / "x.yaml").write_text(
+        "waves: [{name: rest, services: ['*']}]\nsites: [{name: x, kind: hospital}]\n"
+        "roles: [{name: r, kind: server}]\nhosts: [{name: h-01, role: r, site: x, durations: {wipe: .inf}}]\n"
+    )
+    return {**_migrated(tmp), "RESTORE_INVENTORY": str(tmp / "inf")}
+
+
+def _alias_bomb(tmp: Path) -> dict[str, str]:
+    (tmp / "bomb").mkdir()
+    levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    (tmp / "bomb" / "x.yaml").write_text("\n".join(levels) + "\n")
+    return {**_migrated(tmp), "RESTORE_INVENTORY": str(tmp / "bomb")}
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -93,18 +116,53 @@ CASES = [
             ("corrupted", _corrupted, "the ledger database cannot be used: file is not a database"),
             ("unmigrated", _unmigrated, "not set up: run 'restore db upgrade'"),
         )
-        for command in (["status"], ["history", "dc-arl-01"], ["forecast"], ["db", "current"])
+        for command in (
+            ["status"],
+            ["history", "dc-arl-01"],
+            ["forecast"],
+            ["db", "current"],
+            ["report", "--html", "report.html"],
+        )
         if not (name == "unmigrated" and command[0] == "db")  # saying it is not set up is its job
     ),
     Case("corrupted-upgrade", ["db", "upgrade"], _corrupted, 2, "file is not a database"),
     Case("read-only-upgrade", ["db", "upgrade"], _read_only, 2, "readonly database"),
     Case("data-dir-is-a-file", ["db", "upgrade"], _data_dir_is_a_file, 2, "error: "),
+    Case("data-dir-read-only-upgrade", ["db", "upgrade"], _read_only_data_dir, 2, "error: "),
+    Case("data-dir-read-only-status", ["status"], _read_only_data_dir, 2, "error: "),
+    Case(
+        "rehearsal-url-malformed",
+        ["rehearse", "--reset"],
+        _migrated,
+        2,
+        "the ledger database cannot be used",
+        {"RESTORE_REHEARSAL_DATABASE_URL": "not a database url"},
+    ),
     Case("unknown-revision", ["db", "upgrade", "nosuch"], _migrated, 2, "cannot migrate to 'nosuch'"),
     Case(
         "unmigrated-decide", ["decide", "retry", "dc-arl-01", "--actor", "ops"], _unmigrated, 2, "not set up"
     ),
     # Files and directories.
     Case("schema-bad-path", ["schema", "-o", "/proc/nonexistent/dir/schema.json"], _no_env, 2, "error: "),
+    Case("report-bad-path", ["report", "--html", "/proc/nonexistent/report.html"], _migrated, 2, "error: "),
+    Case("validate-alias-bomb", ["validate"], _alias_bomb, 2, "refused as an alias bomb"),
+    Case("plan-alias-bomb", ["plan"], _alias_bomb, 2, "the inventory cannot be used"),
+    Case("status-alias-bomb", ["status"], _alias_bomb, 2, "the inventory cannot be used"),
+    Case(
+        "rehearse-infinite-duration",
+        ["rehearse"],
+        _infinite_duration,
+        2,
+        "durations.wipe: Input should be a finite",
+    ),
+    Case(
+        "forecast-infinite-duration",
+        ["forecast", "--fresh"],
+        _infinite_duration,
+        2,
+        "should be a finite number",
+    ),
+    Case("run-infinite-duration", ["run", "rest"], _infinite_duration, 2, "the inventory cannot be used"),
     Case("validate-missing-dir", ["validate", "nowhere"], _no_env, 2, "does not exist"),
     Case("plan-missing-dir", ["plan", "nowhere"], _no_env, 2, "does not exist"),
     Case("status-missing-inventory", ["status", "-i", "nowhere"], _migrated, 2, "does not exist"),
@@ -117,6 +175,14 @@ CASES = [
         "history-markup-bold", ["history", "[bold]x[/bold]"], _migrated, 2, "no host named '[bold]x[/bold]'"
     ),
     Case("history-unknown", ["history", "nope"], _migrated, 2, "no host named 'nope'"),
+    Case("history-escape-sequence", ["history", "\x1b[31mx"], _migrated, 2, "no host named '\\x1b[31mx'"),
+    Case(
+        "decide-markup-host",
+        ["decide", "retry", "[red]x[/red]", "--actor", "ops"],
+        _migrated,
+        2,
+        "no host named '[red]x[/red]'",
+    ),
     Case(
         "decide-unknown-host",
         ["decide", "retry", "nope", "--actor", "ops"],
@@ -175,6 +241,9 @@ CASES = [
     Case("rehearse-huge-scale", ["rehearse", "--time-scale", "1e9"], _migrated, 2, "--time-scale"),
     Case("rehearse-nan-scale", ["rehearse", "--time-scale", "nan"], _migrated, 2, "--time-scale"),
     Case("rehearse-fail-rate", ["rehearse", "--fail-rate", "2"], _migrated, 2, "--fail-rate"),
+    Case("rehearse-nan-fail-rate", ["rehearse", "--fail-rate", "nan"], _migrated, 2, "--fail-rate"),
+    Case("rehearse-inf-scale", ["rehearse", "--time-scale", "inf"], _migrated, 2, "--time-scale"),
+    Case("rehearse-nan-noise", ["rehearse", "--duration-noise", "nan"], _migrated, 2, "--duration-noise"),
     Case("rehearse-negative-fail-rate", ["rehearse", "--fail-rate", "-0.1"], _migrated, 2, "--fail-rate"),
     Case("rehearse-noise", ["rehearse", "--duration-noise", "5"], _migrated, 2, "--duration-noise"),
     Case("rehearse-not-a-number", ["rehearse", "--time-scale", "fast"], _migrated, 2, "Invalid value"),
@@ -245,6 +314,20 @@ CASES = [
         2,
         "POOL=N",
     ),
+    Case(
+        "forecast-superscript-digit",
+        ["forecast", "--fresh", "--capacity", "backup-streams=\u00b2"],
+        _no_env,
+        2,
+        "POOL=N",
+    ),
+    Case(
+        "forecast-fullwidth-digit",
+        ["forecast", "--fresh", "--capacity", "backup-streams=\uff13"],
+        _no_env,
+        2,
+        "POOL=N",
+    ),
     Case("forecast-policy", ["forecast", "--fresh", "--policy", "srm"], _no_env, 2, "unknown policy 'srm'"),
     Case("forecast-wave", ["forecast", "--fresh", "--wave", "nosuch"], _no_env, 2, "no wave named 'nosuch'"),
     # The command line itself.
@@ -253,6 +336,27 @@ CASES = [
     Case("unknown-option", ["status", "--colour"], _migrated, 2, "No such option"),
     Case("missing-argument", ["history"], _migrated, 2, "Missing argument"),
     Case("db-unknown", ["db", "drop"], _migrated, 2, "No such command"),
+    # Settings from the environment.
+    Case(
+        "setting-not-a-number", ["status"], _migrated, 2, "RESTORE_MAX_HOSTS", {"RESTORE_MAX_HOSTS": "lots"}
+    ),
+    Case(
+        "setting-out-of-range",
+        ["rehearse"],
+        _migrated,
+        2,
+        "RESTORE_LEASE_SECONDS",
+        {"RESTORE_LEASE_SECONDS": "-1"},
+    ),
+    Case(
+        "setting-bad-port",
+        ["rehearse"],
+        _migrated,
+        2,
+        "RESTORE_PREFECT_PORT",
+        {"RESTORE_PREFECT_PORT": "99999"},
+    ),
+    Case("setting-max-hosts", ["validate"], _migrated, 2, "RESTORE_MAX_HOSTS", {"RESTORE_MAX_HOSTS": "100"}),
 ]
 
 
@@ -292,7 +396,15 @@ def _contents(path: Path) -> str:
 
 @pytest.mark.parametrize(
     "args",
-    [["status"], ["status", "--json"], ["forecast"], ["forecast", "--json"], ["history", "dc-arl-01"]],
+    [
+        ["status"],
+        ["status", "--json"],
+        ["forecast"],
+        ["forecast", "--json"],
+        ["history", "dc-arl-01"],
+        ["report", "--html", "report.html"],
+        ["plan"],
+    ],
     ids=" ".join,
 )
 def test_read_commands_write_nothing(args: list[str], clean_env: Path, tmp_path: Path) -> None:
@@ -309,7 +421,13 @@ def test_read_commands_write_nothing(args: list[str], clean_env: Path, tmp_path:
         "hosts: [{name: dc-arl-01, role: r, site: x}, {name: new-01, role: r, site: x}]\n"
     )
     before = _contents(ledger)
-    where = {"status": ["-i", str(other)], "forecast": [str(other)], "history": []}[args[0]]
+    where = {
+        "status": ["-i", str(other)],
+        "forecast": [str(other)],
+        "history": [],
+        "report": ["-i", str(other)],
+        "plan": [str(other)],
+    }[args[0]]
     result = runner.invoke(app, [*args, *where], env=env)
     assert result.exit_code == 0, result.output
     assert _contents(ledger) == before

@@ -23,7 +23,7 @@ ESTATE_DEPLOYMENT = "restore-estate/restore-estate"
 
 def deployments(settings: Settings) -> list[RunnerDeployment]:
     """The deployments, with the inventory's waves as the wave dropdown of the Run form."""
-    waves = [w.name for w in plan(load_estate(settings.inventory)).waves]
+    waves = [w.name for w in plan(load_estate(settings.inventory, settings.max_hosts)).waves]
     wave = cast(
         RunnerDeployment,
         restore_wave.to_deployment(

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -46,7 +46,7 @@ from restore_flows.inventory.models import (
     Wave,
 )
 from restore_flows.inventory.procedures import WrittenStep, resolve_steps
-from restore_flows.inventory.ranges import RangeError, expand
+from restore_flows.inventory.ranges import RangeError, expand, expanded, name_problem, size
 from restore_flows.inventory.schemacheck import (
     Loc,
     find_literal_secrets,
@@ -62,6 +62,7 @@ from restore_flows.inventory.yamlsource import (
     parse_yaml,
     paused_gc,
 )
+from restore_flows.settings import DEFAULT_MAX_HOSTS
 
 SITE_PLACEHOLDER = "{site}"
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
@@ -83,22 +84,51 @@ class LoadResult:
         return [d for d in self.diagnostics if d.severity is Severity.WARNING]
 
 
-def load_estate(directory: Path) -> Estate:
+def load_estate(directory: Path, max_hosts: int = DEFAULT_MAX_HOSTS) -> Estate:
     """The estate, or ``InventoryError`` with every diagnostic."""
-    result = load_inventory(directory)
+    result = load_inventory(directory, max_hosts)
     if result.estate is None:
         raise InventoryError(result.diagnostics)
     return result.estate
 
 
-def load_inventory(directory: Path) -> LoadResult:
+def load_inventory(directory: Path, max_hosts: int = DEFAULT_MAX_HOSTS) -> LoadResult:
+    """Every diagnostic of the inventory in ``directory``, and its estate when there is no error.
+
+    ``max_hosts`` (the setting ``RESTORE_MAX_HOSTS``) bounds the hosts that ranges may expand to.
+    """
     if not directory.is_dir():
         raise UsageError(f"inventory directory {str(directory)!r} does not exist")
-    paths = sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    paths, unreadable = inventory_files(directory)
     # Loading builds a few objects per value and none of them form cycles: collection passes over
     # hundreds of thousands of young objects would cost more than the load itself.
     with paused_gc():
-        return _Loader().run(directory, paths)
+        return _Loader(max_hosts=max_hosts, unlisted=unreadable).run(directory, paths)
+
+
+def inventory_files(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The inventory's files (``*.yaml`` / ``*.yml`` in any case), and what could not be looked into.
+
+    A folder that cannot be listed, or a ``*.yaml`` that is not a readable file (a dangling link), is
+    never skipped silently: the hosts it holds would be missing from the plan without a word.
+    """
+    found: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+
+    def refused(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else directory
+        problems.append((where, f"cannot read the folder: {exc.strerror or exc}"))
+
+    for folder, _, names in os.walk(directory, onerror=refused):
+        for name in names:
+            path = Path(folder, name)
+            if path.suffix.lower() not in (".yaml", ".yml"):
+                continue
+            if path.is_file():
+                found.append(path)
+            else:
+                problems.append((path, "cannot read the file: not a regular file (a dangling link?)"))
+    return sorted(found), sorted(problems)
 
 
 def display_name(path: Path) -> str:
@@ -132,6 +162,15 @@ class _Item(Generic[_ItemT]):
     def location(self) -> Location:
         file, line, _ = self.layer.where("name")
         return Location(file, line)
+
+
+@dataclass(slots=True)
+class _Budget:
+    """What the hosts built so far add up to, against the limits that keep a typo from costing hours."""
+
+    dependencies: int = 0
+    exceeded: bool = False
+    """A limit was reached and said once; later entries are dropped without a word."""
 
 
 @dataclass(slots=True)
@@ -181,6 +220,11 @@ class _Loader:
     broken: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     unreadable: bool = False
     sources: dict[str, _Sources] = field(default_factory=dict)
+    max_hosts: int = DEFAULT_MAX_HOSTS
+    unlisted: list[tuple[Path, str]] = field(default_factory=list)
+    # Diagnostics that only follow from what another file would have defined; dropped when a file
+    # could not be read, so that its one error is not buried under dozens it causes.
+    _follow_ons: set[tuple[str, int, str, str]] = field(default_factory=set)
     _seen: set[tuple[str, int, str, str]] = field(default_factory=set)
 
     # -- reporting ---------------------------------------------------------------------------------
@@ -189,7 +233,16 @@ class _Loader:
         self._add(Diagnostic(file, line, path, message))
 
     def warn(self, file: str, line: int, path: str, message: str) -> None:
-        self._add(Diagnostic(file, line, path, message, Severity.WARNING))
+        # A warning is about what the inventory lacks, which an unreadable file may well hold.
+        self.follow_on(file, line, path, message, Severity.WARNING)
+
+    def follow_on(
+        self, file: str, line: int, path: str, message: str, severity: Severity = Severity.ERROR
+    ) -> None:
+        """A reference to something that may be in a file that could not be read."""
+        diagnostic = Diagnostic(file, line, path, message, severity)
+        self._follow_ons.add(diagnostic.sort_key())
+        self._add(diagnostic)
 
     def _add(self, diagnostic: Diagnostic) -> None:
         # Ranges and group defaults make one written mistake apply to many hosts; say it once.
@@ -201,11 +254,16 @@ class _Loader:
     # -- the steps ---------------------------------------------------------------------------------
 
     def run(self, directory: Path, paths: list[Path]) -> LoadResult:
+        for path, problem in self.unlisted:
+            self.error(display_name(path), 1, "", problem)
+            self.unreadable = True
         for path in paths:
             self._read_file(path)
         if not self.files and not self.diagnostics:
             self.error(display_name(directory), 1, "", "empty inventory: no *.yaml files here")
         estate = self._resolve(directory)
+        if self.unreadable:
+            self.diagnostics = [d for d in self.diagnostics if d.sort_key() not in self._follow_ons]
         self.diagnostics.sort(key=Diagnostic.sort_key)
         has_errors = any(d.severity is Severity.ERROR for d in self.diagnostics)
         return LoadResult(None if has_errors else estate, self.diagnostics, self.files)
@@ -230,7 +288,8 @@ class _Loader:
             self.unreadable = True
             return
         except (OSError, UnicodeDecodeError) as exc:
-            self.error(name, 1, "", f"cannot read the file: {exc}")
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            self.error(name, 1, "", f"cannot read the file: {why}")
             self.unreadable = True
             return
         if raw is None:
@@ -278,7 +337,7 @@ class _Loader:
     def _collect_item_by_item(self, file: str, raw: SourceMap, secret_paths: set[Loc]) -> None:
         """The slow path, taken only when a file has mistakes: validate each item on its own."""
         for key in raw:
-            if key not in InventoryFile.model_fields:
+            if key not in InventoryFile.model_fields and (key,) not in secret_paths:
                 message = f"unknown section '{key}'"
                 close = difflib.get_close_matches(str(key), list(InventoryFile.model_fields), n=1)
                 message += (
@@ -353,6 +412,12 @@ class _Loader:
                         self.broken["hosts"].update(_safe_expand(host["name"]))
             return None
         if any(path[: len(prefix)] == prefix for path in secret_paths):
+            # Dropped for the secret it holds, which is reported: referring to it is not a second error.
+            name = getattr(item, "name", None)
+            if isinstance(name, str):
+                self.broken[str(prefix[0])].update(_safe_expand(name))
+            for host in getattr(item, "hosts", None) or ():
+                self.broken["hosts"].update(_safe_expand(host.name))
             return None
         return item
 
@@ -425,6 +490,7 @@ class _Loader:
         if not hosts and not self.entries and self.files and nothing_failed:
             self.error(self.files[0], 1, "hosts", "empty inventory: no hosts are defined in any file")
         self._check_dependencies(estate)
+        self._check_one_machine_one_host(estate)
         self._check_services(estate)
         self._warn_smells(estate, sites)
         if self.procedures and not self.broken["hosts"]:
@@ -461,6 +527,9 @@ class _Loader:
     ) -> dict[str, Host]:
         hosts: dict[str, Host] = {}
         first_seen: dict[str, Location] = {}
+        budget = _Budget()
+        if self._too_many_hosts():
+            return hosts
         for entry in self.entries:
             host_layer = entry.layers[0]
             role_item: _Item[Role] | None = None
@@ -476,32 +545,31 @@ class _Loader:
                 role_item = roles.get(entry.role_name)
                 if role_item is None and entry.role_name not in self.broken["roles"]:
                     where = _first_layer_with(entry.layers, "role")
-                    self.error(*where, _unknown("role", entry.role_name, roles))
+                    self.follow_on(*where, _unknown("role", entry.role_name, roles))
             sources = _Sources(
                 (entry.spec,)
                 + ((entry.defaults,) if entry.defaults is not None else ())
                 + ((role_item.model,) if role_item else ()),
                 entry.layers + ((role_item.layer,) if role_item else ()),
             )
-            try:
-                names = expand(entry.spec.name)
-            except RangeError as exc:
-                self.error(*host_layer.where("name"), str(exc))
-                self.broken["hosts"].add(entry.spec.name)
-                continue
-            # A host name reaches shells, URLs and the deployment server: DNS-like names only.
-            if not HOST_NAME.match(names[0]) or not HOST_NAME.match(names[-1]):
-                self.error(
-                    *host_layer.where("name"),
-                    f"host name {entry.spec.name!r}: only letters, digits, '.', '_' and '-', "
-                    "starting with a letter or digit",
-                )
-                self.broken["hosts"].update(names)
+            names = self._names(entry)
+            if names is None:
                 continue
             name_location = Location(*host_layer.where("name")[:2])
             duplicates: list[str] = []
             host = self._make_host(names[0], entry, sources, sites, pools, name_location)
             if host is None:
+                self.broken["hosts"].update(names)
+                continue
+            budget.dependencies += len(names) * len(host.depends_on)
+            if budget.dependencies > MAX_DEPENDENCIES:
+                if not budget.exceeded:
+                    self.error(
+                        *sources.where("depends_on"),
+                        f"{len(names):,} host(s) with {len(host.depends_on):,} dependencies each bring the "
+                        f"inventory past {MAX_DEPENDENCIES:,} dependencies: a range depending on a range?",
+                    )
+                budget.exceeded = self.unreadable = True  # what follows from the missing hosts is noise
                 self.broken["hosts"].update(names)
                 continue
             for name in names:
@@ -519,6 +587,46 @@ class _Loader:
                     f"(first at {first_seen[duplicates[0]]})",
                 )
         return hosts
+
+    def _too_many_hosts(self) -> bool:
+        """Counted before anything is expanded, so that refusing 2,000,000 hosts costs nothing."""
+        counts: list[tuple[int, _HostEntry]] = []
+        for entry in self.entries:
+            try:
+                counts.append((size(entry.spec.name), entry))
+            except RangeError:
+                continue  # reported when the entry is built
+        total = sum(count for count, _ in counts)
+        if total <= self.max_hosts:
+            return False
+        largest, entry = max(counts, key=lambda item: item[0])
+        self.error(
+            *entry.layers[0].where("name"),
+            f"the inventory's names expand to {total:,} hosts, more than the {self.max_hosts:,} allowed "
+            f"(the setting RESTORE_MAX_HOSTS); the largest range, {entry.spec.name!r}, is {largest:,} "
+            "hosts: a range with an extra digit?",
+        )
+        self.unreadable = True  # what follows from hosts left out is noise
+        return True
+
+    def _names(self, entry: _HostEntry) -> list[str] | None:
+        """The names an entry stands for, or None (reported) when they are malformed or too many."""
+        pattern = entry.spec.name
+        where = entry.layers[0].where("name")
+        try:
+            names = expand(pattern)
+        except RangeError as exc:
+            self.error(*where, str(exc))
+            self.broken["hosts"].add(pattern)
+            return None
+        # A host name reaches shells, URLs and the deployment server: RFC 1123 names only. The first and
+        # the last name of a range differ only in digits, and the last is the longest.
+        problem = name_problem(names[0]) or name_problem(names[-1])
+        if problem is not None:
+            self.error(*where, f"host name {pattern!r}: {problem}")
+            self.broken["hosts"].update(names)
+            return None
+        return names
 
     def _make_host(
         self,
@@ -545,7 +653,7 @@ class _Loader:
                 ok = False
         if site is not None and site not in sites:
             if site not in self.broken["sites"]:
-                self.error(*where("site"), _unknown("site", site, sites))
+                self.follow_on(*where("site"), _unknown("site", site, sites))
             ok = False
         if not ok or kind is None or site is None:
             return None
@@ -562,7 +670,7 @@ class _Loader:
             if filled is None:
                 continue
             try:
-                names = expand(filled)
+                names = expanded(filled)
             except RangeError as exc:
                 self.error(*where("depends_on"), f"in depends_on: {exc}")
                 continue
@@ -574,19 +682,19 @@ class _Loader:
                     gates[dependency] = gate
         stage_pools: dict[Stage, tuple[str, ...]] = {}
         for stage, refs in (pick("pools") or {}).items():
-            names = []
+            pool_names: list[str] = []
             for ref in refs:
                 filled = self._fill_site(ref, site, sources, "pools")
                 if filled is None:
                     continue
                 if filled not in pools and filled not in self.broken["pools"]:
                     origin = f" (from '{ref}' for site {site})" if ref != filled else ""
-                    self.error(
+                    self.follow_on(
                         *where("pools"),
                         f"{stage.value}: {_unknown('pool', filled, pools)}{origin}",
                     )
-                names.append(filled)
-            stage_pools[stage] = tuple(names)
+                pool_names.append(filled)
+            stage_pools[stage] = tuple(pool_names)
         return Host(
             name=name,
             kind=kind,
@@ -627,13 +735,23 @@ class _Loader:
 
     def _check_dependencies(self, estate: Estate) -> None:
         hosts = estate.hosts
+        # Per written entry, the missing names in order (a dict: a set would lose the order).
+        missing: dict[tuple[str, int, str], dict[str, None]] = defaultdict(dict)
         for host in hosts.values():
             for dependency in host.depends_on:
                 if dependency in hosts or dependency in self.broken["hosts"]:
                     continue
-                self.error(
-                    *self._host_where(host, "depends_on"),
-                    _unknown("host", dependency, hosts, large=True),
+                missing[self._host_where(host, "depends_on")][dependency] = None
+        for where, found in missing.items():
+            names = list(found)
+            # One written range may stand for 100,000 missing hosts: name a few, count the rest.
+            for name in names[:MAX_LISTED]:
+                self.follow_on(*where, _unknown("host", name, hosts, large=True))
+            if len(names) > MAX_LISTED:
+                self.follow_on(
+                    *where,
+                    f"and {len(names) - MAX_LISTED:,} more unknown hosts ({len(names):,} in all, "
+                    f"the last '{names[-1]}')",
                 )
         for cycle in graph.find_cycles({n: h.depends_on for n, h in hosts.items()}):
             first = hosts[cycle[0]]
@@ -642,6 +760,42 @@ class _Loader:
                 "dependency cycle: " + " -> ".join(cycle),
             )
 
+    def _check_one_machine_one_host(self, estate: Estate) -> None:
+        """Two hosts with one address, MAC or BMC are one machine with two ledger rows: each row could
+        have it wiped, past the rule that a clean host is never wiped again."""
+        owners: dict[str, tuple[Host, str, str]] = {}
+        for host in estate.hosts.values():
+            for key, what, value in (
+                ("address", "address", host.address),
+                ("mac", "MAC", host.mac),
+                ("bmc", "BMC address", host.bmc.address if host.bmc is not None else None),
+            ):
+                if not value:
+                    continue
+                machine = _machine_key(key, value)
+                if key == "bmc" and host.bmc is not None and host.bmc.system_id is not None:
+                    # One BMC managing several systems (a chassis, an emulator): the system is the box.
+                    machine = f"system:{machine}#{host.bmc.system_id}"
+                first, first_key, first_what = owners.setdefault(machine, (host, key, what))
+                if first is host:
+                    continue
+                file, line, path = self._host_where(host, key)
+                if key == "bmc":
+                    path += ".address"
+                if self.sources[first.name] is self.sources[host.name]:
+                    message = (
+                        f"every host of this range gets {what} {value}: one machine cannot be several "
+                        "hosts; give each host its own, or write them one by one"
+                    )
+                else:
+                    first_file, first_line, _ = self._host_where(first, first_key)
+                    message = (
+                        f"{what} {value} is also the {first_what} of host {first.name} "
+                        f"({first_file}:{first_line}): one machine cannot be two hosts (it could be wiped "
+                        "twice)"
+                    )
+                self.error(file, line, path, message)
+
     def _check_services(self, estate: Estate) -> None:
         known = estate.wave_of_service()
         if CATCH_ALL in known:
@@ -649,13 +803,13 @@ class _Loader:
         for host in estate.hosts.values():
             for service in host.services:
                 if service not in known:
-                    self.error(
+                    self.follow_on(
                         *self._host_where(host, "services"),
                         f"service '{service}' is in no wave and there is no catch-all wave "
                         "(a wave with services: ['*'])",
                     )
             if not host.services:
-                self.error(
+                self.follow_on(
                     *self._host_where(host, "services"),
                     "the host has no services and there is no catch-all wave to put it in",
                 )
@@ -698,14 +852,36 @@ def _rename(host: Host, name: str) -> Host:
     return replace(host, name=name)
 
 
-HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+def _machine_key(key: str, value: str) -> str:
+    """What identifies the machine: MACs in one spelling, a BMC URL by its host, names in lower case.
+
+    A host's address and its BMC's share one space: a BMC at another host's address is the same box."""
+    text = value.strip().lower()
+    if key == "mac":
+        return "mac:" + text.replace("-", ":")
+    if "://" in text:
+        # A BMC forwarded to another port of one address (a jump host, a test emulator) is another BMC.
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        text = (parts.hostname or text) + (f":{port}" if port not in (None, 80, 443) else "")
+    return "ip:" + text
 
 
-def _safe_expand(pattern: str) -> list[str]:
+MAX_DEPENDENCIES = 2_000_000
+"""Dependencies of all hosts together (each host's list counted once per host): twenty per host of the
+largest estates planned for. Every check and the planner visit each one."""
+MAX_LISTED = 5
+"""Unknown dependencies listed one by one for one written entry; the rest are counted."""
+
+
+def _safe_expand(pattern: str) -> tuple[str, ...]:
     try:
-        return expand(pattern)
+        return expanded(pattern)
     except RangeError:
-        return [pattern]
+        return (pattern,)
 
 
 def _unknown(kind: str, name: str, known: Mapping[str, Any], large: bool = False) -> str:

@@ -16,7 +16,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CATCH_ALL = "*"
 
@@ -53,6 +53,62 @@ PoolRef = Annotated[
         description="A pool name; '{site}' is replaced by the host's site.",
     ),
 ]
+# Numbers are strict (``true`` is not 1, ``"4"`` is not 4) and bounded: a value accepted here must not
+# fail when a run uses it (``timeout: .inf`` would overflow a deadline, ``1e300`` minutes a timedelta).
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+Seconds = Annotated[
+    float,
+    Field(strict=True, gt=0, le=86_400, allow_inf_nan=False, description="Seconds, at most a day."),
+]
+Minutes = Annotated[
+    float,
+    Field(strict=True, ge=0, le=43_200, allow_inf_nan=False, description="Minutes, at most 30 days."),
+]
+
+
+def _compiles(pattern: str | None) -> str | None:
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]
+# As drivers.commands fills them: ``{name}``, with ``{{`` and ``}}`` for literal braces.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TEMPLATE_NAMES = frozenset({"host", "image", "address"})
+
+
+def _unknown_placeholders(template: str, allowed: set[str]) -> list[str]:
+    escaped = template.replace("{{", "").replace("}}", "")
+    return sorted({name for name in _PLACEHOLDER.findall(escaped) if name not in allowed})
+
+
+class _Template(BaseModel):
+    """A check whose ``command`` is a template: it may name ``{host}``, ``{image}``, ``{address}`` and
+    the check's own fields, exactly what the check driver fills in; any other name fails the run."""
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> Any:
+        command = getattr(self, "command", None)
+        if command is not None:
+            fields = type(self).model_fields
+            allowed = set(_TEMPLATE_NAMES) | {
+                name for name in fields if name not in ("type", "command") and getattr(self, name) is not None
+            }
+            unknown = _unknown_placeholders(command, allowed)
+            if unknown:
+                names = ", ".join(f"{{{n}}}" for n in unknown)
+                raise ValueError(
+                    f"command uses {names}, which the check does not fill in; it may use "
+                    + ", ".join(f"{{{n}}}" for n in sorted(allowed))
+                    + " (write {{ and }} for literal braces)"
+                )
+        return self
+
+
 SecretName = Annotated[
     str,
     Field(
@@ -121,7 +177,9 @@ class Pool(_Strict):
     """Shared capacity: imaging slots, technicians, backup streams."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
-    capacity: Annotated[int, Field(ge=1, description="How many stages may use it at once.")]
+    capacity: Annotated[
+        int, Field(strict=True, ge=1, le=100_000, description="How many stages may use it at once.")
+    ]
     description: str | None = None
 
 
@@ -138,7 +196,7 @@ class Bmc(_Strict):
 
 class Ssh(_Strict):
     user: str | None = None
-    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    port: Port = 22
     host_key: str | None = Field(
         default=None, description="Pinned public host key, e.g. 'ssh-ed25519 AAAA...'."
     )
@@ -165,55 +223,63 @@ class Drivers(_Strict):
 _COMMAND = "Command template, run over SSH; {host}, {image} and the check's own fields can be used."
 
 
-class CommandCheck(_Strict):
+class CommandCheck(_Strict, _Template):
     type: Literal["command"]
     command: str = Field(description=_COMMAND)
-    expect_exit: int = 0
-    output_pattern: str | None = Field(default=None, description="Regular expression stdout must match.")
-    timeout: Annotated[float, Field(gt=0)] = 60
+    expect_exit: Annotated[int, Field(strict=True, ge=-(2**31), le=2**32 - 1)] = 0
+    output_pattern: Regex | None = Field(default=None, description="Regular expression stdout must match.")
+    timeout: Seconds = 60
 
 
 class TcpPortCheck(_Strict):
     type: Literal["tcp_port"]
-    port: Annotated[int, Field(ge=1, le=65535)]
-    timeout: Annotated[float, Field(gt=0)] = 10
+    port: Port
+    timeout: Seconds = 10
 
 
 class HttpCheck(_Strict):
     type: Literal["http"]
     url: str = Field(description="URL to GET; '{address}' is replaced by the host's address.")
-    status: Annotated[int, Field(ge=100, le=599)] = 200
-    body_pattern: str | None = Field(default=None, description="Regular expression the body must match.")
-    timeout: Annotated[float, Field(gt=0)] = 10
+    status: Annotated[int, Field(strict=True, ge=100, le=599)] = 200
+    body_pattern: Regex | None = Field(default=None, description="Regular expression the body must match.")
+    timeout: Seconds = 10
+
+    @model_validator(mode="after")
+    def _only_address(self) -> HttpCheck:
+        unknown = _unknown_placeholders(self.url, {"address"})
+        if unknown:
+            names = ", ".join(f"{{{n}}}" for n in unknown)
+            raise ValueError(f"url uses {names}; the only placeholder of a URL is {{address}}")
+        return self
 
 
-class WindowsServiceCheck(_Strict):
+class WindowsServiceCheck(_Strict, _Template):
     """The service must be running (on a POSIX host: the systemd unit must be active)."""
 
     type: Literal["windows_service"]
     service: str
     command: str | None = Field(default=None, description=_COMMAND)
-    timeout: Annotated[float, Field(gt=0)] = 30
+    timeout: Seconds = 30
 
 
-class GoldenImageCheck(_Strict):
+class GoldenImageCheck(_Strict, _Template):
     """The host must report the golden image id the inventory expects."""
 
     type: Literal["golden_image"]
     command: str | None = Field(default=None, description=_COMMAND + " Prints the image id.")
-    timeout: Annotated[float, Field(gt=0)] = 30
+    timeout: Seconds = 30
 
 
-class EdrAgentCheck(_Strict):
+class EdrAgentCheck(_Strict, _Template):
     """The EDR agent must be installed and running (Microsoft Defender for Endpoint: service 'Sense')."""
 
     type: Literal["edr_agent"]
     service: str = "Sense"
     command: str | None = Field(default=None, description=_COMMAND)
-    timeout: Annotated[float, Field(gt=0)] = 30
+    timeout: Seconds = 30
 
 
-class IocScanCheck(_Strict):
+class IocScanCheck(_Strict, _Template):
     """A finding sends the host to quarantine, not online.
 
     The command prints one finding per line and exits 0; no output means nothing was found; another
@@ -222,7 +288,7 @@ class IocScanCheck(_Strict):
 
     type: Literal["ioc_scan"]
     command: str | None = Field(default=None, description=_COMMAND)
-    timeout: Annotated[float, Field(gt=0)] = 900
+    timeout: Seconds = 900
 
 
 Check = Annotated[
@@ -285,7 +351,7 @@ class HostFields(_Strict):
     drivers: Drivers | None = None
     ssh: Ssh | None = None
     checks: list[Check] | None = Field(default=None, description="Checks that prove the host clean.")
-    durations: dict[Stage, Annotated[float, Field(ge=0)]] | None = Field(
+    durations: dict[Stage, Minutes] | None = Field(
         default=None, description="Expected minutes per stage (rehearsal timing and ETA)."
     )
     description: str | None = None

@@ -41,17 +41,81 @@ SECRET_KEYS = frozenset(
         "client_secret",
     }
 )
-_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+# Private keys in any string: PEM and OpenSSH ("-----BEGIN RSA PRIVATE KEY-----"), PGP ("-----BEGIN PGP
+# PRIVATE KEY BLOCK-----") and PuTTY's .ppk ("PuTTY-User-Key-File-3: ssh-ed25519").
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|PuTTY-User-Key-File-[0-9]+:"
+)
+# A value that is a placeholder or names a variable is not a secret: '{token}', '$PW', '$env:PW', '%PW%'.
+_NOT_A_VALUE = r"(?![{$%])"
+# https://user:password@host/ (a user without a password, ssh://admin@host, is fine).
+_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:]*:" + _NOT_A_VALUE + r"[^\s/?#@]+@")
+_URL_QUERY_SECRET = re.compile(
+    r"(?i)[?&](?:access_token|token|password|passwd|pwd|api_?key|secret|client_secret|sig|signature)="
+    + _NOT_A_VALUE
+    + r"[^&\s#]"
+)
+# A password given to a command: --password=x, -Password x, /password:x, sshpass -p x, mysql -px,
+# net use ... /user:NAME PASSWORD, ConvertTo-SecureString ... -AsPlainText.
+_PASSWORD_ARGUMENT = re.compile(
+    r"(?i)(?:^|[\s'\"])(?:--?|/)(?:password|passwd|pass|pwd|passphrase|token|secret|client[-_]?secret"
+    r"|api[-_]?key|access[-_]?key|secret[-_]?key)(?:[=:]|\s+)" + _NOT_A_VALUE + r"[^\s-]"
+    r"|\bsshpass\s+-p\s*" + _NOT_A_VALUE + r"\S"
+    r"|\bmysql\w*\b.*?\s-p" + _NOT_A_VALUE + r"\S"
+    r"|\bnet\s+use\b.*?/user:\S+\s+(?![{$%/])\S"
+    r"|\bConvertTo-SecureString\b.*-AsPlainText"
+)
+# Keys whose value is a user name: 'admin:Hunter2!' is a user and its password.
+_USER_KEYS = frozenset({"user", "username", "login"})
+# An address with user-info but no scheme: 'root:calvin@10.0.0.9'.
+_ADDRESS_KEYS = frozenset({"address", "url", "host"})
+_BARE_USERINFO = re.compile(r"^[^\s/@:]+:[^\s/@]+@")
 # A cheap pre-check on the file's text, so that the walk over every value runs only for files that
 # might hold a secret. It may say yes wrongly (a comment, a description); it never says no wrongly:
-# any secret key written as a key is followed by a colon.
-_MAYBE_SECRET = re.compile(
-    r"(?i)(?<![\w-])[\"']?(" + "|".join(sorted(SECRET_KEYS)) + r")[\"']?\s*:|-----BEGIN"
+# every rule above needs one of these marks in the text (each secret key contains one, so do the
+# password options and 'net use ... /user:'). Plain substring searches: a regex over 10 MB of hosts
+# costs more than the walk it saves.
+_MARKS = (
+    *("pass", "pwd", "secret", "token", "api", "access", "private_key", "credentials"),
+    *("-----begin", "putty-user-key", "://", "@", "user", "login", "mysql", "plaintext"),
 )
 
 
 def may_hold_secrets(text: str) -> bool:
-    return _MAYBE_SECRET.search(text) is not None
+    lowered = text.lower()
+    return any(mark in lowered for mark in _MARKS)
+
+
+def secret_in_value(key: object, value: str) -> str | None:
+    """What kind of credential ``value`` (written under ``key``) holds, or None.
+
+    The answer never quotes the value: a message that repeated it would leak it a second time, into
+    terminals, logs and CI output.
+    """
+    if ("-----BEGIN" in value or "PuTTY-User-Key-File" in value) and _PRIVATE_KEY.search(value):
+        return "a private key"
+    if "://" in value:
+        if _URL_PASSWORD.search(value):
+            return "a password in a URL (user:password@)"
+        if _URL_QUERY_SECRET.search(value):
+            return "a credential in a URL's query"
+    if isinstance(key, str) and key.lower() in _USER_KEYS and ":" in value:
+        return "a user name followed by ':' and a password"
+    if isinstance(key, str) and key.lower() in _ADDRESS_KEYS and "@" in value and _BARE_USERINFO.match(value):
+        return "a password in an address (user:password@)"
+    if _PASSWORD_ARGUMENT.search(value):
+        return "a password given as a command argument"
+    return None
+
+
+def looks_secret(path: Sequence[int | str], value: object) -> bool:
+    """A field whose value must never be repeated in a message: a secret's name may be a secret written
+    in the wrong place, and any value that one of the rules above calls a credential is one."""
+    key = next((step for step in reversed(path) if isinstance(step, str)), "")
+    lowered = key.lower()
+    if lowered.endswith("_secret") or lowered in SECRET_KEYS or lowered in _USER_KEYS or "key" in lowered:
+        return True
+    return isinstance(value, str) and secret_in_value(key, value) is not None
 
 
 def find_literal_secrets(raw: Any, file: str) -> tuple[list[Diagnostic], set[Loc]]:
@@ -72,7 +136,19 @@ def find_literal_secrets(raw: Any, file: str) -> tuple[list[Diagnostic], set[Loc
         for key, value, line in items:
             if isinstance(value, SourceMap | SourceList):
                 stack.append((value, (*loc, key)))
-            if isinstance(key, str) and key.lower() in SECRET_KEYS and value not in (None, ""):
+            if isinstance(key, str) and (kind := secret_in_value(None, key)) is not None:
+                # Written as a key: the field path must not name it either.
+                paths.add((*loc, key))
+                found.append(
+                    Diagnostic(
+                        file,
+                        line,
+                        format_path((*loc, "(a key)")),
+                        f"{kind} is written in the inventory, as a key; remove it and rotate it, it must "
+                        "be considered leaked",
+                    )
+                )
+            elif isinstance(key, str) and key.lower() in SECRET_KEYS and value not in (None, ""):
                 where = (*loc, key)
                 paths.add(where)
                 found.append(
@@ -85,16 +161,22 @@ def find_literal_secrets(raw: Any, file: str) -> tuple[list[Diagnostic], set[Loc
                         "it must be considered leaked",
                     )
                 )
-            elif isinstance(value, str) and "-----BEGIN" in value and _PRIVATE_KEY.search(value):
+            elif isinstance(value, str) and (kind := secret_in_value(key, value)) is not None:
                 where = (*loc, key)
                 paths.add(where)
+                if kind == "a private key":
+                    advice = "refer to it by name ('key_secret: NAME')"
+                elif "command" in kind:
+                    advice = "let the command read it from a variable the run sets, never the inventory"
+                else:
+                    advice = "name the secret instead (credentials_secret, key_secret)"
                 found.append(
                     Diagnostic(
                         file,
                         line,
                         format_path(where),
-                        "a private key is written in the inventory: refer to it by name "
-                        "('key_secret: NAME'); remove it and rotate it, it must be considered leaked",
+                        f"{kind} is written in the inventory: {advice}; remove it and rotate it, "
+                        "it must be considered leaked",
                     )
                 )
     return found, paths
@@ -119,6 +201,8 @@ def line_of(raw: Any, loc: Sequence[int | str], default: int = 1) -> tuple[int, 
     node = raw
     found: list[int | str] = []
     for step in loc:
+        if isinstance(node, SourceMap) and node.get("type") == step:
+            continue  # the tag pydantic names a union member by, not a key (a check's 'command')
         if isinstance(node, SourceMap) and not isinstance(step, int) and step in node:
             line = node.key_lines.get(step, line)
             node = node[step]
@@ -164,16 +248,29 @@ def validation_diagnostics(
             message = f"missing required key '{loc[-1]}'"
             full = (*full, loc[-1])
         else:
-            message = str(error["msg"])
+            message = str(error["msg"]).removeprefix("Value error, ")
             given = error.get("input")
-            if isinstance(given, str | int | float | bool) or given is None:
+            if looks_secret(full, given) or (kind == "value_error" and isinstance(given, dict)):
+                pass  # never repeat what may be a credential
+            elif isinstance(given, str | int | float | bool) or given is None:
                 message += f" (got {given!r})"
+                if kind in ("float_type", "int_type") and isinstance(given, str) and _is_number(given):
+                    # YAML 1.1 reads 1e3 (no dot) and quoted numbers as text.
+                    message += "; this is text to YAML: write a plain number such as 1000 or 1.0e+3"
             elif isinstance(given, dict):
                 message += " (got a mapping)"
             elif isinstance(given, list):
                 message += " (got a list)"
         out.append(Diagnostic(file, line, format_path(full), message))
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _explained_by_another_member(loc: Loc, error: Any, errors: Sequence[Any]) -> bool:

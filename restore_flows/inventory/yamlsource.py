@@ -25,6 +25,16 @@ except AttributeError:  # pragma: no cover - libyaml missing: same results, slow
 _STR_TAG = "tag:yaml.org,2002:str"
 _MAP_TAG = "tag:yaml.org,2002:map"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+# The plain values an inventory holds. Any other tag (``!!binary``, ``!!set``, ``!!python/...``, a local
+# ``!vault``) would smuggle in a type no field expects, or a value the engineer cannot read in the file.
+_PLAIN_TAGS = frozenset(
+    {_STR_TAG, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"}
+    | {"tag:yaml.org,2002:null", "tag:yaml.org,2002:timestamp"}  # an unquoted date: the field says
+)
+MAX_ALIAS_EXPANSION = 100_000
+"""Values that aliases may add beyond those written (plus ten per written value): a billion-laughs
+file of a few hundred bytes stands for 10^9 values, which every later walk would visit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,46 +128,87 @@ class _Builder:
     def __init__(self, loader: yaml.SafeLoader) -> None:
         self._constructor = loader
         self._anchored: dict[int, Any] = {}
+        # How many values each container stands for once its aliases are expanded; absent while the
+        # container is being built, so that an alias to an enclosing node is seen as recursive.
+        self._expanded: dict[int, int] = {}
+        self.written = 0
+
+    def build_document(self, node: yaml.Node) -> Any:
+        value = self.build(node)
+        expanded = self._expanded.get(id(node), 1)
+        if expanded > MAX_ALIAS_EXPANSION + 10 * self.written:
+            raise YamlSyntaxError(
+                Location("", node.start_mark.line + 1),
+                f"YAML aliases expand {self.written:,} written values to {expanded:,}: refused as an "
+                f"alias bomb (at most {MAX_ALIAS_EXPANSION:,} more than ten per written value); "
+                "write the values out or use fewer aliases",
+            )
+        return value
 
     def build(self, node: yaml.Node) -> Any:
         if isinstance(node, yaml.ScalarNode):
             if node.tag == _STR_TAG:
                 return node.value
+            if node.tag not in _PLAIN_TAGS:
+                raise YamlSyntaxError(Location("", node.start_mark.line + 1), _tag_message(node))
             return self._constructor.construct_object(node, deep=True)
         cached = self._anchored.get(id(node))
         if cached is not None:
+            if id(node) not in self._expanded:
+                raise YamlSyntaxError(
+                    Location("", node.start_mark.line + 1),
+                    "YAML syntax: an alias refers to a list or mapping that contains it (a recursive "
+                    "alias has no end)",
+                )
             return cached
+        self.written += 1
         if isinstance(node, yaml.SequenceNode):
+            if node.tag != _SEQ_TAG:
+                raise YamlSyntaxError(Location("", node.start_mark.line + 1), _tag_message(node))
             seq = SourceList(node.start_mark.line + 1)
             self._anchored[id(node)] = seq
+            size = 1
             for item in node.value:
                 seq.append(self.build(item))
                 seq.item_lines.append(item.start_mark.line + 1)
+                size += self._expanded.get(id(item), 1)
+            self._expanded[id(node)] = size
             return seq
         assert isinstance(node, yaml.MappingNode)
+        if node.tag != _MAP_TAG:
+            raise YamlSyntaxError(Location("", node.start_mark.line + 1), _tag_message(node))
         mapping = SourceMap(node.start_mark.line + 1)
         self._anchored[id(node)] = mapping
         merged: list[SourceMap] = []
+        size = 1
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
                 merged.extend(self._merge_sources(key_node, value_node))
+                size += sum(self._expanded.get(id(n), 1) for n in _merge_nodes(value_node))
                 continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlSyntaxError(
+                    Location("", key_node.start_mark.line + 1),
+                    "YAML syntax: a key must be a plain name, not a list or a mapping "
+                    "(complex keys, '? ...', are not used in an inventory)",
+                )
             key = self.build(key_node)
             if key in mapping:
                 raise YamlSyntaxError(Location("", key_node.start_mark.line + 1), f"duplicate key {key!r}")
             mapping[key] = self.build(value_node)
             mapping.key_lines[key] = key_node.start_mark.line + 1
+            size += self._expanded.get(id(value_node), 1)
         for source in merged:
             for key, value in source.items():
                 if key not in mapping:
                     mapping[key] = value
                     mapping.key_lines[key] = source.key_lines[key]
+        self._expanded[id(node)] = size
         return mapping
 
     def _merge_sources(self, key_node: yaml.Node, value_node: yaml.Node) -> list[SourceMap]:
-        nodes = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
         sources: list[SourceMap] = []
-        for item in nodes:
+        for item in _merge_nodes(value_node):
             built = self.build(item)
             if not isinstance(built, SourceMap):
                 raise YamlSyntaxError(
@@ -168,12 +219,25 @@ class _Builder:
         return sources
 
 
+def _merge_nodes(value_node: yaml.Node) -> list[yaml.Node]:
+    return list(value_node.value) if isinstance(value_node, yaml.SequenceNode) else [value_node]
+
+
+def _tag_message(node: yaml.Node) -> str:
+    tag = str(node.tag)
+    shown = "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,2002:") else tag
+    return (
+        f"YAML syntax: the tag '{shown}' is not allowed: an inventory holds text, numbers, true/false, "
+        "null, lists and mappings only"
+    )
+
+
 def parse_yaml(text: str, display_name: str) -> Any:
     loader = _Loader(text)
     try:
         with paused_gc():
             node = loader.get_single_node()
-            return None if node is None else _Builder(loader).build(node)
+            return None if node is None else _Builder(loader).build_document(node)
     except YamlSyntaxError as exc:
         raise YamlSyntaxError(Location(display_name, exc.location.line), exc.message) from None
     except yaml.MarkedYAMLError as exc:
@@ -193,6 +257,13 @@ def parse_yaml(text: str, display_name: str) -> Any:
             # In YAML '{' opens a mapping: the commonest slip with pool and dependency templates.
             problem += "; quote values that contain '{site}', e.g. \"imaging-{site}\""
         raise YamlSyntaxError(Location(display_name, line), f"YAML syntax: {problem}") from None
+    except yaml.reader.ReaderError as exc:
+        # A character YAML does not take (a NUL of a binary file): its offset says where it is.
+        line = text.count("\n", 0, exc.position) + 1
+        what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise YamlSyntaxError(
+            Location(display_name, line), f"YAML syntax: unacceptable character {what}: {exc.reason}"
+        ) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(Location(display_name, 1), f"YAML syntax: {exc}") from None
     finally:

@@ -156,7 +156,10 @@ class StatusSource:
         signature = _signature(self._settings.inventory)
         with self._plan_lock:
             if self._plan is None or self._plan[0] != signature:
-                self._plan = (signature, plan(load_estate(self._settings.inventory)))
+                self._plan = (
+                    signature,
+                    plan(load_estate(self._settings.inventory, self._settings.max_hosts)),
+                )
                 self._plan_forecasts = {}
             return self._plan[1]
 

@@ -250,7 +250,10 @@ def test_a_template_naming_a_missing_address_fails_without_running() -> None:
 
 
 def test_an_invalid_output_pattern_fails_the_check() -> None:
-    check = CommandCheck(type="command", command="hostname", output_pattern="(")
+    # The inventory refuses such a pattern; the driver must still not trust that it was loaded from one.
+    check = CommandCheck.model_construct(
+        type="command", command="hostname", output_pattern="(", expect_exit=0, timeout=60
+    )
     failures, _, shell = _verify(_host(check))
     assert len(failures) == 1
     assert failures[0].startswith("command 'hostname': invalid output_pattern '('")

@@ -45,9 +45,12 @@ hosts:
 groups:
   - defaults: {role: gw, site: arl}
     hosts:
-      - {name: "gw-[01:04]", bmc: {address: "https://127.0.0.1:8443", credentials_secret: bmc-arl}}
+      - {name: gw-01, bmc: {address: "https://127.0.0.1:8443", system_id: gw-01, credentials_secret: bmc-arl}}
+      - {name: gw-02, bmc: {address: "https://127.0.0.1:8443", system_id: gw-02, credentials_secret: bmc-arl}}
+      - {name: gw-03, bmc: {address: "https://127.0.0.1:8443", system_id: gw-03, credentials_secret: bmc-arl}}
+      - {name: gw-04, bmc: {address: "https://127.0.0.1:8443", system_id: gw-04, credentials_secret: bmc-arl}}
       - {name: gw-05}
-      - {name: gw-06, forensic_hold: true, bmc: {address: "https://127.0.0.1:8443"}}
+      - {name: gw-06, forensic_hold: true, bmc: {address: "https://127.0.0.1:8443", system_id: gw-06}}
 """
 RELEASE = "move-to-production --host {host}"
 BACKUP = "restore-vm --name {host}"

@@ -115,13 +115,12 @@ def test_a_wave_gate_takes_the_hosts_the_plan_puts_in_that_wave(write_inventory:
         ),
         (
             "  - {name: a, not_before: {step: a, after: soon, reason: r}, http: {url: 'https://v.example/'}}",
-            "steps.yaml:2: procedures[0].not_before.after: Value error, 'soon' is not a duration: write "
+            "steps.yaml:2: procedures[0].not_before.after: 'soon' is not a duration: write "
             "minutes, or a number with h or min (10h, 45min) (got 'soon')",
         ),
         (
             "  - {name: a}",
-            "steps.yaml:2: procedures[0]: Value error, say what the step does: runs_on and command, or http "
-            "(got a mapping)",
+            "steps.yaml:2: procedures[0]: say what the step does: runs_on and command, or http",
         ),
     ],
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from restore_flows.errors import InventoryError, UsageError
+from restore_flows.inventory import schemacheck
 from restore_flows.inventory.loader import load_estate, load_inventory
 from restore_flows.inventory.models import HostKind, RestoreMethod, Stage
 from tests.conftest import WriteInventory
@@ -189,3 +190,22 @@ def test_each_dependency_gates_the_stage_that_needs_it(write_inventory: WriteInv
     assert hosts["ws-02"].gates == {"dc-01": Stage.VERIFY}
     assert hosts["old-01"].gates == {"dc-01": Stage.WIPE}
     assert hosts["ws-01"].depends_on == ("dc-01", "pxe-arl-01")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        *(f"{key}: x" for key in sorted(schemacheck.SECRET_KEYS | schemacheck._USER_KEYS)),
+        "description: '-----BEGIN PGP PRIVATE KEY BLOCK-----'",
+        "url: https://a:b@h/",
+        "address: root:calvin@10.0.0.9",
+        "command: sshpass -p x ssh h",
+        "command: mysql -px",
+        "command: net use \\\\fs /user:svc x",
+        "command: ConvertTo-SecureString x -AsPlainText",
+    ],
+)
+def test_the_secret_pre_check_never_says_no_wrongly(text: str) -> None:
+    """A file the pre-check passes over is never walked for secrets: every rule must leave a mark."""
+    assert schemacheck.may_hold_secrets(text)
+    assert schemacheck.may_hold_secrets(text.upper())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from restore_flows.inventory.loader import load_estate
-from restore_flows.planning import Plan, plan
+from restore_flows.planning import MAX_CHAIN_SHOWN, Plan, plan
 from tests.conftest import WriteInventory
 
 WAVES = """
@@ -201,6 +201,30 @@ def test_json_shape(write_inventory: WriteInventory) -> None:
         "forensic_hold": False,
         "pulled_forward_by": None,
         "pulled_forward_chain": [],
+        "pulled_forward_depth": 0,
     }
     assert data["hosts"]["gw-arl"]["pulled_forward_by"] == "ws-icu-arl-001"
     assert data["waves"][1]["counts"]["kind"] == {"server": 1, "workstation": 2}
+
+
+def test_a_long_chain_is_planned_in_linear_space(write_inventory: WriteInventory) -> None:
+    """Each host of a 5,000-host chain is pulled forward by the next; its chain is shown bounded (the
+    first links and the host that set the pace), with its full length, instead of 5,000^2 names."""
+    length = 5000
+    lines = ["hosts:", "  - {name: h-0000, role: srv, site: dc1}"]
+    for index in range(1, length):
+        services = ", services: [icu]" if index == length - 1 else ""
+        lines.append(
+            f"  - {{name: h-{index:04d}, role: srv, site: dc1{services}, depends_on: [h-{index - 1:04d}]}}"
+        )
+    the_plan = _plan(write_inventory, "\n".join(lines))
+    last = f"h-{length - 1:04d}"
+    first = the_plan.hosts["h-0000"]
+    assert first.wave == "icu"
+    assert first.pulled_forward_by == "h-0001"
+    assert first.pulled_forward_depth == length - 1
+    assert first.pulled_forward_chain == (*(f"h-{i:04d}" for i in range(1, MAX_CHAIN_SHOWN)), last)
+    near = the_plan.hosts[f"h-{length - 3:04d}"]
+    assert near.pulled_forward_chain == (f"h-{length - 2:04d}", last)
+    assert near.pulled_forward_depth == 2
+    assert sum(len(p.pulled_forward_chain) for p in the_plan.hosts.values()) <= MAX_CHAIN_SHOWN * length
