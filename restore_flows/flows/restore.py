@@ -185,7 +185,7 @@ def approval_form(waves: Sequence[WaveToApprove], *, several: bool = False) -> t
     """The Resume form: the approver's name and the wave's name typed again; for a campaign
     (``several``), the waves approved now and their names typed again."""
     names = [w.wave for w in waves]
-    shown = " ‖ ".join(one_line(w.summary) for w in waves)
+    shown = "\n\n".join(as_markdown(w.summary) for w in waves)
     if not several:
         return create_model(
             "WaveApproval",
@@ -266,12 +266,20 @@ class FormApprover:
         try:
             while left:
                 names = ", ".join(w.wave for w in left)
-                # Resume is in the run page's menu only: say where, in the log and in an artifact.
-                logger.warning("approval needed for wave(s) %s: open %s then ⋮ → Resume", names, link)
+                # Say where the form is, in the log and in an artifact: the UI that 'restore up' serves
+                # has a Resume button at the top of the run page; the newer one has it under ⋮ only.
+                logger.warning(
+                    "approval needed for wave(s) %s: open %s and press Resume (top right; in the newer "
+                    "UI: ⋮ → Resume)",
+                    names,
+                    link,
+                )
                 create_markdown_artifact(
                     f"# Approval needed: {names}\n\n"
-                    f"Open [this flow run]({link}), then **⋮ → Resume**: type your name and the "
-                    "wave's name. Nothing is wiped before.\n\n" + "\n\n".join(w.summary for w in left) + "\n",
+                    f"Open [this flow run]({link}), then press **Resume** at the top right (in the newer "
+                    "UI: **⋮ → Resume**): type your name and the wave's name. Nothing is wiped before.\n\n"
+                    + "\n\n".join(as_markdown(w.summary) for w in left)
+                    + "\n",
                     key="approval-needed",
                     description=f"Approval needed: {names}",
                 )
@@ -320,10 +328,12 @@ def run_link() -> str:
     return f"{base.rstrip('/')}/flow-runs/flow-run/{runtime.flow_run.id}"
 
 
-def one_line(summary: str) -> str:
-    """The form shows a field's description without its line breaks: keep the list readable anyway."""
-    lines = [line.strip() for line in summary.splitlines() if line.strip()]
-    return " • ".join(line.removeprefix("- ") for line in lines)
+def as_markdown(summary: str) -> str:
+    """An approval summary as markdown, which the form and the artifact render: the UI that ``restore
+    up`` serves shows a field's description as markdown, so the hosts to be wiped read as a list per
+    site and kind. Every line is set apart by a blank line: the form keeps only double line breaks
+    (the newer UI shows the same text on one line, still readable)."""
+    return "\n\n".join(line.strip() for line in summary.splitlines() if line.strip())
 
 
 def _chosen(answer: Any, offered: list[str]) -> list[str] | None:
