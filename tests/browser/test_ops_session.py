@@ -217,6 +217,7 @@ def _online(counts_text: str) -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
+@pytest.mark.timeout(600)  # about 3 minutes here, 'restore up' starting and stopping included
 def test_ops_approve_in_the_ui_and_a_manager_watches_it_live(restore_up: Up, chromium: str) -> None:
     up = restore_up
     requests = RequestLog()
@@ -393,7 +394,9 @@ def _as_ops_and_manager(up: Up, ops: Page, manager: Page, shots: Screenshots) ->
     # The run ends Completed, in our words (the run's Details tab).
     expect(ops.get_by_text("Completed", exact=True).first).to_be_visible(timeout=90_000)
     ops.get_by_text("Details", exact=True).click()
-    expect(ops.get_by_text(f"wave icu: all {ICU_HOSTS} host(s) online")).to_be_visible()
+    ended = ops.get_by_text(f"wave icu: all {ICU_HOSTS} host(s) online")
+    expect(ended).to_be_visible()
+    ended.scroll_into_view_if_needed()
     shots.take(ops, "run-completed")
 
     # The situation report for the crisis cell, opened in the browser.
