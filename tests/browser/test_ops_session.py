@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Browser, Frame, Locator, Page, Response, expect, sync_playwright
+from sqlalchemy.engine import make_url
 
 from restore_flows.flows.server import stop_process_group
 from restore_flows.ledger.db import make_engine
@@ -130,7 +131,9 @@ def chromium() -> str:
 
 
 @pytest.fixture
-def restore_up(chromium: str, tmp_path: Path) -> Iterator[Up]:
+def restore_up(chromium: str, ledger_url_postgresql: str, tmp_path: Path) -> Iterator[Up]:
+    """``restore up`` with Prefect's own database in PostgreSQL, as for operations: on SQLite, with
+    the machine under load, the server answered 503 ("database is locked") to a Run and a Resume."""
     (tmp_path / "inventory").mkdir()
     (tmp_path / "inventory" / "estate.yaml").write_text(textwrap.dedent(ESTATE))
     prefect_port, dashboard_port = _free_port(), _free_port()
@@ -143,6 +146,9 @@ def restore_up(chromium: str, tmp_path: Path) -> Iterator[Up]:
         RESTORE_PREFECT_HOST="127.0.0.1",
         RESTORE_PREFECT_PORT=str(prefect_port),
         RESTORE_DASHBOARD_PORT=str(dashboard_port),
+        RESTORE_PREFECT_DATABASE_URL=make_url(ledger_url_postgresql)
+        .set(drivername="postgresql+asyncpg")
+        .render_as_string(hide_password=False),
         PYTHONUNBUFFERED="1",
     )
     log = tmp_path / "restore-up.log"
