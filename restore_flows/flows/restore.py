@@ -183,49 +183,45 @@ class PrefectExecutor:
 
 def approval_form(waves: Sequence[WaveToApprove], *, several: bool = False) -> type[RunInput]:
     """The Resume form: the approver's name and the wave's name typed again; for a campaign
-    (``several``), the waves approved now and their names typed again."""
+    (``several``), the waves approved now and their names typed again. What will be wiped is the
+    form's own description, shown as markdown at the top of the Resume dialog."""
     names = [w.wave for w in waves]
     shown = "\n\n".join(as_markdown(w.summary) for w in waves)
+    approver = (
+        str,
+        Field(min_length=1, description="Your full name. It is recorded in the ledger as the approver."),
+    )
+    described = f"**Approval needed: {', '.join(names)}**\n\n{shown}"
+    # No field data given to with_initial_data: the fields keep their descriptions and bounds.
     if not several:
-        return create_model(
+        one = create_model(
             "WaveApproval",
             __base__=RunInput,
-            approver=(
-                str,
-                Field(
-                    min_length=1, description="Your full name. It is recorded in the ledger as the approver."
-                ),
-            ),
+            approver=approver,
             confirm_wave=(
                 str,
                 Field(
                     min_length=1,
-                    description=(
-                        f"Type the wave's name, {names[0]}, to approve wiping these hosts.\n\n{shown}"
-                    ),
+                    description=f"Type the wave's name, {names[0]}, to approve wiping the hosts above.",
                 ),
             ),
         )
+        return one.with_initial_data(description=described)
     choice: Any = Literal.__getitem__(tuple(names))
-    return create_model(
+    several_at_once = create_model(
         "WavesApproval",
         __base__=RunInput,
-        approver=(
-            str,
-            Field(min_length=1, description="Your full name. It is recorded in the ledger as the approver."),
-        ),
+        approver=approver,
         waves=(
             list[choice],
             Field(min_length=1, description="The waves you approve now; the others keep waiting."),
         ),
         confirm_waves=(
             str,
-            Field(
-                min_length=1,
-                description=f"Type the names of the waves you approve, separated by commas.\n\n{shown}",
-            ),
+            Field(min_length=1, description="Type the names of the waves you approve, separated by commas."),
         ),
     )
+    return several_at_once.with_initial_data(description=described)
 
 
 class FormApprover:

@@ -26,10 +26,21 @@ def test_every_line_stands_apart_so_lists_stay_lists_and_paragraphs_end_them() -
     )
 
 
-def test_the_form_shows_the_list_under_the_field_to_type_the_wave_into() -> None:
+def test_the_resume_dialog_shows_the_list_above_the_fields() -> None:
     form = approval_form([WaveToApprove("icu", ("gw-01", "ws-01", "ws-02"), SUMMARY)])
+    assert form._description == "**Approval needed: icu**\n\n" + as_markdown(SUMMARY)
     schema = form.model_json_schema()
-    described = schema["properties"]["confirm_wave"]["description"]
-    assert described.startswith("Type the wave's name, icu, to approve wiping these hosts.\n\nWave icu:")
-    assert "\n\n- arl: 2 workstation(s)\n\n" in described
+    assert schema["properties"]["confirm_wave"]["description"] == (
+        "Type the wave's name, icu, to approve wiping the hosts above."
+    )
+    assert schema["properties"]["confirm_wave"]["minLength"] == 1  # the bounds survive the description
     assert schema["required"] == ["approver", "confirm_wave"]
+
+
+def test_a_campaign_form_lists_every_wave_it_asks_for() -> None:
+    form = approval_form(
+        [WaveToApprove("core", ("dc-01",), "Wave core: 1 host(s)"), WaveToApprove("icu", (), "Wave icu")],
+        several=True,
+    )
+    assert form._description == "**Approval needed: core, icu**\n\nWave core: 1 host(s)\n\nWave icu"
+    assert form.model_json_schema()["properties"]["waves"]["items"]["enum"] == ["core", "icu"]
