@@ -266,13 +266,16 @@ def _session(up: Up, browser: Browser, requests: RequestLog, shots: Screenshots)
         requests.watch(context)
         context.on("response", answered)
     try:
-        return _as_ops_and_manager(up, ops_context.new_page(), manager_context.new_page(), shots)
+        figures = _as_ops_and_manager(up, ops_context.new_page(), manager_context.new_page(), shots)
     except BaseException:
         for who, context in (("ops", ops_context), ("manager", manager_context)):
             for page in context.pages:
                 shots.take(page, f"FAILED-{who}")
         print("HTTP errors the pages saw:", *errors, sep="\n  ")
         raise
+    # A server error the UI swallowed (a toast, a retry) is still one: the session must have none.
+    assert not [e for e in errors if e.startswith("5")], errors
+    return "\n".join([figures, "HTTP errors the pages saw (4xx are Prefect UI's own):", *errors])
 
 
 def _as_ops_and_manager(up: Up, ops: Page, manager: Page, shots: Screenshots) -> str:
