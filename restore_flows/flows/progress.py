@@ -14,7 +14,7 @@ import contextvars
 import threading
 import time
 from collections import Counter
-from typing import cast
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -67,6 +67,8 @@ class RunProgress:
             self._estate_percent(), key="estate-progress", description="Hosts of the whole estate online"
         )
         self._dirty = False
+        self._last_table: list[dict[str, Any]] | None = None
+        self._last_eta: str | None = None
         self._stop = threading.Event()
         # The thread makes artifacts of this flow run: it needs the run's context.
         run_context = contextvars.copy_context()
@@ -163,10 +165,15 @@ class RunProgress:
             }
             for (wave, site, department), c in sorted(counts.items())
         ]
-        create_table_artifact(table, key="run-sites", description="Per wave, site and department")
-        create_markdown_artifact(
-            self.eta_text(rows), key="run-eta", description="Forecast: when each wave is back"
-        )
+        # A new version only when it says something new: a run waiting hours for its approval would
+        # otherwise stack up a card every few seconds on the run's Artifacts tab.
+        if table != self._last_table:
+            create_table_artifact(table, key="run-sites", description="Per wave, site and department")
+            self._last_table = table
+        eta = self.eta_text(rows)
+        if eta != self._last_eta:
+            create_markdown_artifact(eta, key="run-eta", description="Forecast: when each wave is back")
+            self._last_eta = eta
 
     def eta_text(self, rows: list[HostProgress]) -> str:
         forecast = forecast_from_ledger(self._ledger, self._plan, default_pace=self._pace)

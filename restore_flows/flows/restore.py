@@ -184,65 +184,57 @@ class PrefectExecutor:
 
 def approval_form(waves: Sequence[WaveToApprove], *, several: bool = False) -> type[RunInput]:
     """The Resume form: the approver's name and the wave's name typed again; for a campaign
-    (``several``), the waves approved now and their names typed again."""
+    (``several``), the waves approved now and their names typed again. What will be wiped is the
+    form's own description, shown as markdown at the top of the Resume dialog."""
     names = [w.wave for w in waves]
-    shown = " ‖ ".join(one_line(w.summary) for w in waves)
+    shown = "\n\n".join(as_markdown(w.summary) for w in waves)
+    approver = (
+        str,
+        Field(min_length=1, description="Your full name. It is recorded in the ledger as the approver."),
+    )
+    described = f"**Approval needed: {', '.join(names)}**\n\n{shown}"
+    # No field data given to with_initial_data: the fields keep their descriptions and bounds.
     if len(names) == 1 and names[0].startswith(STEP_SCOPE):
         step = names[0].removeprefix(STEP_SCOPE)
-        return create_model(
+        one_step = create_model(
             "StepApproval",
             __base__=RunInput,
-            approver=(
-                str,
-                Field(
-                    min_length=1, description="Your full name. It is recorded in the ledger as the approver."
-                ),
-            ),
+            approver=approver,
             confirm_wave=(
                 str,
-                Field(min_length=1, description=f"Type the step's name, {step}, to run it now.\n\n{shown}"),
+                Field(min_length=1, description=f"Type the step's name, {step}, to run it now."),
             ),
         )
+        return one_step.with_initial_data(description=described)
     if not several:
-        return create_model(
+        one = create_model(
             "WaveApproval",
             __base__=RunInput,
-            approver=(
-                str,
-                Field(
-                    min_length=1, description="Your full name. It is recorded in the ledger as the approver."
-                ),
-            ),
+            approver=approver,
             confirm_wave=(
                 str,
                 Field(
                     min_length=1,
-                    description=(
-                        f"Type the wave's name, {names[0]}, to approve wiping these hosts.\n\n{shown}"
-                    ),
+                    description=f"Type the wave's name, {names[0]}, to approve wiping the hosts above.",
                 ),
             ),
         )
+        return one.with_initial_data(description=described)
     choice: Any = Literal.__getitem__(tuple(names))
-    return create_model(
+    several_at_once = create_model(
         "WavesApproval",
         __base__=RunInput,
-        approver=(
-            str,
-            Field(min_length=1, description="Your full name. It is recorded in the ledger as the approver."),
-        ),
+        approver=approver,
         waves=(
             list[choice],
             Field(min_length=1, description="The waves you approve now; the others keep waiting."),
         ),
         confirm_waves=(
             str,
-            Field(
-                min_length=1,
-                description=f"Type the names of the waves you approve, separated by commas.\n\n{shown}",
-            ),
+            Field(min_length=1, description="Type the names of the waves you approve, separated by commas."),
         ),
     )
+    return several_at_once.with_initial_data(description=described)
 
 
 class FormApprover:
@@ -305,12 +297,20 @@ class FormApprover:
                     with self._lock:
                         self._queue = later + self._queue
                 names = ", ".join(w.wave for w in left)
-                # Resume is in the run page's menu only: say where, in the log and in an artifact.
-                logger.warning("approval needed for wave(s) %s: open %s then ⋮ → Resume", names, link)
+                # Say where the form is, in the log and in an artifact: the UI that 'restore up' serves
+                # has a Resume button at the top of the run page; the newer one has it under ⋮ only.
+                logger.warning(
+                    "approval needed for wave(s) %s: open %s and press Resume (top right; in the newer "
+                    "UI: ⋮ → Resume)",
+                    names,
+                    link,
+                )
                 create_markdown_artifact(
                     f"# Approval needed: {names}\n\n"
-                    f"Open [this flow run]({link}), then **⋮ → Resume**: type your name and the "
-                    "wave's name. Nothing is wiped before.\n\n" + "\n\n".join(w.summary for w in left) + "\n",
+                    f"Open [this flow run]({link}), then press **Resume** at the top right (in the newer "
+                    "UI: **⋮ → Resume**): type your name and the wave's name. Nothing is wiped before.\n\n"
+                    + "\n\n".join(as_markdown(w.summary) for w in left)
+                    + "\n",
                     key="approval-needed",
                     description=f"Approval needed: {names}",
                 )
@@ -360,10 +360,12 @@ def run_link() -> str:
     return f"{base.rstrip('/')}/flow-runs/flow-run/{runtime.flow_run.id}"
 
 
-def one_line(summary: str) -> str:
-    """The form shows a field's description without its line breaks: keep the list readable anyway."""
-    lines = [line.strip() for line in summary.splitlines() if line.strip()]
-    return " • ".join(line.removeprefix("- ") for line in lines)
+def as_markdown(summary: str) -> str:
+    """An approval summary as markdown, which the form and the artifact render: the UI that ``restore
+    up`` serves shows a field's description as markdown, so the hosts to be wiped read as a list per
+    site and kind. Every line is set apart by a blank line: the form keeps only double line breaks
+    (the newer UI shows the same text on one line, still readable)."""
+    return "\n\n".join(line.strip() for line in summary.splitlines() if line.strip())
 
 
 def _untouched(asked: WaveToApprove) -> str:
