@@ -399,11 +399,14 @@ def duration_minutes(value: str | float) -> float:
             f"'{value}' is not a duration: write minutes, or a number with h or min (10h, 45min)"
         )
     number = float(found.group(1))
-    return number * 60 if found.group(2) == "h" else number
+    minutes = number * 60 if found.group(2) == "h" else number
+    if minutes > 43_200:
+        raise ValueError(f"'{value}' is longer than 30 days: write a wait a run can keep")
+    return minutes
 
 
 Duration = Annotated[
-    Annotated[float, Field(ge=0, le=525_600, allow_inf_nan=False)] | str,
+    Annotated[float, Field(strict=True, ge=0, le=43_200, allow_inf_nan=False)] | str,
     Field(description="Minutes, or a number with h or min: 10h, 45min."),
 ]
 
@@ -426,9 +429,9 @@ class StepHttp(_Strict):
 
     url: str
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
-    status: Annotated[int, Field(ge=100, le=599)] = 200
+    status: Annotated[int, Field(strict=True, ge=100, le=599)] = 200
     body: str | None = None
-    timeout: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 60
+    timeout: Seconds = 60
 
 
 class StepNeed(_Strict):
@@ -496,7 +499,7 @@ class Procedure(_Strict):
         description="Command template, run over SSH; {host}, {address} and {step} can be used. "
         "Secrets it generates arrive on standard input, one NAME=value line each.",
     )
-    timeout: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 600
+    timeout: Seconds = 600
     http: StepHttp | None = None
     check: Check | None = Field(default=None, description="Proves the step worked.")
     needs: list[Name | StepNeed] = Field(
@@ -510,9 +513,7 @@ class Procedure(_Strict):
     )
     approval: bool = Field(default=False, description="Needs a named approval when it is due.")
     gates: list[StepGateSpec] = Field(default_factory=list)
-    minutes: Annotated[float, Field(ge=0, le=525_600, allow_inf_nan=False)] = Field(
-        default=10, description="Planned duration, for the forecast."
-    )
+    minutes: Minutes = Field(default=10, description="Planned duration, for the forecast.")
     generates: list[SecretName] = Field(
         default_factory=list,
         description="Secrets the product generates and hands to the command on standard input; the "

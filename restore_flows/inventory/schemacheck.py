@@ -115,6 +115,8 @@ def looks_secret(path: Sequence[int | str], value: object) -> bool:
     lowered = key.lower()
     if lowered.endswith("_secret") or lowered in SECRET_KEYS or lowered in _USER_KEYS or "key" in lowered:
         return True
+    if lowered == "generates":  # a procedure step's secret names: a value written there is a secret
+        return True
     return isinstance(value, str) and secret_in_value(key, value) is not None
 
 
