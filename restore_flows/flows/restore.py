@@ -54,6 +54,7 @@ from restore_flows.execution.campaign import (
     Automatic,
     Campaign,
     CampaignSettings,
+    Executor,
     RunSummary,
     Selection,
     Status,
@@ -119,6 +120,13 @@ class _Common(BaseModel):
     seed: int = Field(default=0, description="Rehearsal: seed of the injected failures and noise.")
     broken_hosts: list[str] = Field(
         default_factory=list, description="Rehearsal drill: these hosts fail their wipe every time."
+    )
+    site_workers: bool = Field(
+        default=False,
+        description=(
+            "Run each host's stages on its site's worker (restore worker SITE), from the site's network; "
+            "this run only schedules. A site without a worker waits; the others go on."
+        ),
     )
 
 
@@ -390,7 +398,7 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
             selection,
             run_id=run_id,
             actor="prefect",
-            executor=PrefectExecutor(),
+            executor=_executor(params, context, the_plan, hosts),
             approver=approver,
             settings=_campaign_settings(context.settings, params),
             on_change=progress.changed,
@@ -405,6 +413,30 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
             summary_markdown(scope, summary, the_plan), key="run-summary", description="How the run ended"
         )
         return _state(scope, summary)
+
+
+def _executor(params: _Common, context: Any, the_plan: Any, hosts: Sequence[str]) -> Executor:
+    """This flow's task runs, or the hosts' site workers (each stage a flow run on its site's queue)."""
+    if not params.site_workers:
+        return PrefectExecutor()
+    from restore_flows.flows.sites import FleetParameters, SiteExecutor
+
+    settings: Settings = context.settings
+    rehearsal = params.mode is Mode.REHEARSAL
+    executor = SiteExecutor(
+        context.ledger,
+        settings.ledger_url(rehearsal=rehearsal),
+        rehearsal=rehearsal,
+        fleet=FleetParameters(
+            params.time_scale,
+            params.fail_rate,
+            params.duration_noise,
+            params.seed,
+            tuple(params.broken_hosts),
+        ),
+        silent_seconds=settings.site_silent_seconds,
+    )
+    return executor.open({the_plan.estate.hosts[n].site for n in hosts})
 
 
 def _close_dead_flow_runs(gone: Sequence[RunRecord]) -> None:
