@@ -24,6 +24,7 @@ takes over is never doing the same work beside it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -267,6 +268,12 @@ def prepare_sites(client: SyncPrefectClient, sites: Iterable[str]) -> UUID:
     return cast(UUID, stage_deployment().apply(work_pool_name=POOL))
 
 
+def sites_of_worker(name: str) -> list[str]:
+    """The sites a worker drives, from its name ('arl@machine', 'arl+brg@machine')."""
+    head, at, _ = name.partition("@")
+    return [s for s in head.split("+") if s] if at else []
+
+
 def worker_command(
     sites: Sequence[str], *, name: str | None = None, limit: int = 8, prefect: str = "prefect"
 ) -> list[str]:
@@ -391,6 +398,7 @@ class SiteExecutor:
     _thread: threading.Thread | None = field(default=None, init=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
     _deployment: UUID | None = field(default=None, init=False)
+    _context: contextvars.Context = field(default_factory=contextvars.copy_context, init=False)
     submitted: int = field(default=0, init=False)
     lost: int = field(default=0, init=False)
 
@@ -399,8 +407,12 @@ class SiteExecutor:
         with self.client_factory() as client:
             self._deployment = prepare_sites(client, sites)
         self._refresh_sites()
+        # The threads talk to the server this caller's Prefect settings name (a flow run's, a test's).
+        self._context = contextvars.copy_context()
         self._pool = ThreadPoolExecutor(self.submitters, thread_name_prefix="site-submit")
-        self._thread = threading.Thread(target=self._watch, name="site-executor", daemon=True)
+        self._thread = threading.Thread(
+            target=self._context.copy().run, args=(self._watch,), name="site-executor", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -421,7 +433,7 @@ class SiteExecutor:
             return
         sent = _Sent(order, deliver, tuple(order.claims()))
         assert self._pool is not None, "open() the executor first"
-        self._pool.submit(self._create, sent)
+        self._pool.submit(self._context.copy().run, self._create, sent)
 
     def _create(self, sent: _Sent) -> None:
         order = sent.order
@@ -479,12 +491,23 @@ class SiteExecutor:
     def _refresh_sites(self) -> None:
         with self.client_factory() as client:
             queues = client.read_work_queues(work_pool_name=POOL)
+            workers = client.read_workers_for_work_pool(POOL)
+        # The last sign of life of each site's worker: its queue polled, or its heartbeat (the server
+        # records a pool's polls in the background, one pending per pool, so one can be skipped).
+        heard: dict[str, dt.datetime] = {}
+        for queue in queues:
+            if queue.last_polled is not None:
+                heard[queue.name] = queue.last_polled.astimezone(dt.UTC)
+        for worker in workers:
+            if worker.last_heartbeat_time is None:
+                continue
+            beat = worker.last_heartbeat_time.astimezone(dt.UTC)
+            for site in sites_of_worker(worker.name):
+                if site not in heard or heard[site] < beat:
+                    heard[site] = beat
         with self._lock:
             for queue in queues:
-                polled = queue.last_polled
-                self._sites[queue.name] = SiteStatus(
-                    queue.name, polled.astimezone(dt.UTC) if polled else None, self.silent_seconds
-                )
+                self._sites[queue.name] = SiteStatus(queue.name, heard.get(queue.name), self.silent_seconds)
 
     def _check_runs(self) -> None:
         with self._lock:
