@@ -169,8 +169,10 @@ def start_workers(names: list[str], env: dict[str, str], logs: Path) -> list[sub
     """A ``restore worker`` per site, returned once each has sent a heartbeat."""
     from prefect.client.orchestration import get_client
 
-    from restore_flows.flows.sites import POOL, sites_of_worker
+    from restore_flows.flows.sites import POOL, prepare_sites, sites_of_worker
 
+    with get_client(sync_client=True) as client:
+        prepare_sites(client, names)
     logs.mkdir()
     began = time.time()
     workers = []

@@ -151,10 +151,20 @@ def encode(result: StageResult) -> str:
 
 def decode(message: str | None) -> StageResult | None:
     """The stage's result from its flow run's final state message; None if it carries none."""
-    if not message or RESULT_MARK not in message:
+    if not message:
+        return None
+    # The mark may be in the human part (an error's text) and in the JSON's strings: the result is
+    # the first remainder that is JSON.
+    data: Any = None
+    at = message.find(RESULT_MARK)
+    while at >= 0 and data is None:
+        try:
+            data = json.loads(message[at + len(RESULT_MARK) :])
+        except ValueError:
+            at = message.find(RESULT_MARK, at + 1)
+    if not isinstance(data, dict):
         return None
     try:
-        data = json.loads(message.rsplit(RESULT_MARK, 1)[1])
         return StageResult(
             host=str(data["host"]),
             state=HostState(data["state"]) if data["state"] is not None else None,
@@ -399,6 +409,8 @@ class SiteExecutor:
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
     _deployment: UUID | None = field(default=None, init=False)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context, init=False)
+    _local: threading.local = field(default_factory=threading.local, init=False)
+    _clients: list[SyncPrefectClient] = field(default_factory=list, init=False)
     submitted: int = field(default=0, init=False)
     lost: int = field(default=0, init=False)
 
@@ -453,13 +465,12 @@ class SiteExecutor:
             broken_hosts=list(self.fleet.broken_hosts),
         )
         try:
-            with self.client_factory() as client:
-                run = client.create_flow_run_from_deployment(
-                    cast(UUID, self._deployment),
-                    parameters={"params": params.model_dump(mode="json")},
-                    work_queue_name=order.host.site,
-                    tags=["restore", f"site:{order.host.site}"],
-                )
+            run = self._client().create_flow_run_from_deployment(
+                cast(UUID, self._deployment),
+                parameters={"params": params.model_dump(mode="json")},
+                work_queue_name=order.host.site,
+                tags=["restore", f"site:{order.host.site}", f"run:{order.run_id[:8]}"],
+            )
         except Exception as exc:  # the server unreachable: the stage did not start; try again later
             log.warning("could not send %s %s to its site", order.start.stage, order.host.name, exc_info=True)
             self.ledger.slots.release(sent.claims)
@@ -477,6 +488,19 @@ class SiteExecutor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        for client in self._clients:
+            client.__exit__(None, None, None)
+        self._clients.clear()
+
+    def _client(self) -> SyncPrefectClient:
+        """This thread's client, kept open (a new one per call costs a connection and a version check)."""
+        client: SyncPrefectClient | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self.client_factory().__enter__()
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
 
     # -- watching ------------------------------------------------------------------------------------
 
@@ -489,9 +513,9 @@ class SiteExecutor:
                 log.warning("could not read the site workers' runs", exc_info=True)
 
     def _refresh_sites(self) -> None:
-        with self.client_factory() as client:
-            queues = client.read_work_queues(work_pool_name=POOL)
-            workers = client.read_workers_for_work_pool(POOL)
+        client = self._client()
+        queues = client.read_work_queues(work_pool_name=POOL)
+        workers = client.read_workers_for_work_pool(POOL)
         # The last sign of life of each site's worker: its queue polled, or its heartbeat (the server
         # records a pool's polls in the background, one pending per pool, so one can be skipped).
         heard: dict[str, dt.datetime] = {}
@@ -516,20 +540,20 @@ class SiteExecutor:
             return
         now = _now()
         runs: list[FlowRun] = []
-        with self.client_factory() as client:
-            for chunk in range(0, len(ids), 200):
-                runs += client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[chunk : chunk + 200])),
-                    limit=200,
-                )
-            for run in runs:
-                state = run.state
-                if state is None:
-                    continue
-                if state.is_final():
-                    self._ended(run.id, state)
-                elif not self.status(self._sent[run.id].order.host.site).up(now):
-                    self._lost(client, run.id, state)
+        client = self._client()
+        for chunk in range(0, len(ids), 200):
+            runs += client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[chunk : chunk + 200])),
+                limit=200,
+            )
+        for run in runs:
+            state = run.state
+            if state is None:
+                continue
+            if state.is_final():
+                self._ended(run.id, state)
+            elif not self.status(self._sent[run.id].order.host.site).up(now):
+                self._lost(client, run.id, state)
 
     def _ended(self, run_id: UUID, state: State[Any]) -> None:
         with self._lock:
