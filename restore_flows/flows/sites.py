@@ -629,6 +629,7 @@ def up_sites(settings: Settings, console: Any, sites: Sequence[str]) -> None:
     import sys
 
     from prefect import serve
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 
     from restore_flows.flows.server import stop_process_group
     from restore_flows.flows.serving import deployments
@@ -643,7 +644,13 @@ def up_sites(settings: Settings, console: Any, sites: Sequence[str]) -> None:
 
     signal.signal(signal.SIGTERM, interrupt)
     workers: list[subprocess.Popen[bytes]] = []
-    with prefect_api(settings, console) as api_url:
+    with (
+        prefect_api(settings, console) as api_url,
+        temporary_settings(
+            # Prefect read its settings when this module imported it: name the server explicitly.
+            updates={PREFECT_API_URL: api_url, PREFECT_SERVER_EPHEMERAL_ENABLED: False}
+        ),
+    ):
         os.environ["RESTORE_INVENTORY"] = str(settings.inventory.resolve())
         with get_client(sync_client=True) as client:
             prepare_sites(client, sites)
@@ -668,5 +675,8 @@ def up_sites(settings: Settings, console: Any, sites: Sequence[str]) -> None:
             )
             serve(*deployments(settings), limit=10, query_seconds=1, print_starting_message=False)
         finally:
+            for process in workers:  # all at once: each takes a few seconds to stop
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
             for process in workers:
                 stop_process_group(process, signal.SIGTERM, 20)
