@@ -47,7 +47,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field, create_model
 
-from restore_flows.bootstrap import live_fleet, load_and_sync, open_ledger
+from restore_flows.bootstrap import Context, live_fleet, load_and_sync, open_ledger
 from restore_flows.drivers.base import Fleet
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.execution.campaign import (
@@ -64,6 +64,7 @@ from restore_flows.execution.eta import estate_status, format_minutes
 from restore_flows.flows.progress import RunProgress, summary_markdown
 from restore_flows.inventory.models import Stage
 from restore_flows.ledger.records import RunRecord
+from restore_flows.planning import Plan
 from restore_flows.scheduling.clock import Outcome, Result
 from restore_flows.scheduling.scheduler import Start
 from restore_flows.settings import Settings
@@ -415,13 +416,13 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
         return _state(scope, summary)
 
 
-def _executor(params: _Common, context: Any, the_plan: Any, hosts: Sequence[str]) -> Executor:
+def _executor(params: _Common, context: Context, the_plan: Plan, hosts: Sequence[str]) -> Executor:
     """This flow's task runs, or the hosts' site workers (each stage a flow run on its site's queue)."""
     if not params.site_workers:
         return PrefectExecutor()
     from restore_flows.flows.sites import FleetParameters, SiteExecutor
 
-    settings: Settings = context.settings
+    settings = context.settings
     rehearsal = params.mode is Mode.REHEARSAL
     executor = SiteExecutor(
         context.ledger,

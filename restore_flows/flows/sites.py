@@ -12,13 +12,17 @@ while one campaign (one scheduler, the ledger's pools and priorities) decides ce
   the stage (``attempts.executed_by``) and ends with the stage's result in its state message, which
   the executor reads back and turns into the scheduler's outcome.
 
-A site whose queue no worker has polled for ``silent_seconds`` has no worker: its stages are not sent
-(each host waits, saying "site arl: no worker since 03:41"), nothing is held for them, and every other
-site goes on. A stage flow run its worker had taken when it went silent is marked Crashed and started
-again once a worker is back: the ledger shows the host mid-stage, and the stage is resolved from the
-host's facts (done, or started again) under a new fencing token that refuses any late write of the
-lost one. A stage process watches its worker and ends at once if the worker dies, so the stage that
-takes over is never doing the same work beside it.
+A site whose worker has not been heard from (queue polled, heartbeat) for ``silent_seconds`` has no
+worker: its stages are not sent (each host waits, saying "site arl: no worker since 03:41"), nothing
+is held for them, and every other site goes on. A stage flow run its worker had taken when it went
+silent is marked Crashed (and so are those a worker finds left Running when it starts again: one
+worker per site) and started again once a worker is back: the ledger shows the host mid-stage, and
+the stage is resolved from the host's facts (done, or started again) under a new fencing token that
+refuses any late write of the lost one. A stage process watches its worker and ends within half a
+second if the worker dies, so the stage that takes over does not run beside it.
+
+Each stage costs its worker a process (Prefect's process worker): seconds, against milliseconds for a
+task run in one flow. The site mode is for reaching each site's network, not for speed.
 """
 
 from __future__ import annotations
