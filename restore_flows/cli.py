@@ -531,13 +531,47 @@ def report(
 
 @app.command()
 @_handled
-def up() -> None:
+def up(
+    sites: Annotated[
+        bool,
+        typer.Option(
+            "--sites",
+            help="A drill of the site mode on this machine: the server on PostgreSQL, one worker per site.",
+        ),
+    ] = False,
+) -> None:
     """Start the local Prefect server and serve the restore deployments; prints the UI address."""
     from restore_flows import rehearsal
 
     settings = Settings()
-    _estate(settings.inventory)
+    estate = _estate(settings.inventory)
+    if sites:
+        from restore_flows.flows.sites import up_sites
+
+        up_sites(settings, _out(), sorted(estate.sites))
+        return
     rehearsal.up(settings, _out())
+
+
+@app.command()
+@_handled
+def worker(
+    sites: Annotated[list[str], typer.Argument(help="The site(s) whose hosts this worker drives.")],
+    name: Annotated[str | None, typer.Option(help="The worker's name (default: SITE@this-machine).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Stages this worker runs at once.")] = 8,
+) -> None:
+    """The worker of a site: runs its hosts' stages, from the site's network, as the campaign sends them.
+
+    Talks to the Prefect server at PREFECT_API_URL (default: the local one of the settings) and to the
+    ledger of its own settings (RESTORE_DATABASE_URL, RESTORE_REHEARSAL_DATABASE_URL)."""
+    from restore_flows.flows.sites import exec_worker
+
+    settings = Settings()
+    estate = _estate(settings.inventory)
+    strange = [s for s in sites if s not in estate.sites]
+    if strange:
+        raise UsageError(f"no site named {strange[0]!r} (sites: {', '.join(sorted(estate.sites))})")
+    exec_worker(sites, settings, name=name, limit=limit)
 
 
 @app.command("run")

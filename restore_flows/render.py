@@ -226,7 +226,7 @@ def history(console: Console, report: dict[str, Any]) -> None:
     console.print(table)
     if report["attempts"]:
         table = Table(title="Stage attempts", title_justify="left")
-        for column in ("stage", "#", "run", "started", "ended", "outcome", "error"):
+        for column in ("stage", "#", "run", "started", "ended", "outcome", "error", "worker"):
             table.add_column(column)
         for a in report["attempts"]:
             table.add_row(
@@ -237,6 +237,7 @@ def history(console: Console, report: dict[str, Any]) -> None:
                 a["ended"] or "",
                 a["outcome"],
                 a["error"] or "",
+                a.get("executed_by") or "",
             )
         console.print(table)
     for e in report["evidence"]:

@@ -130,6 +130,17 @@ class Settings(BaseSettings):
     ssh_max_sessions: int = Field(
         default=64, ge=1, description="Concurrent SSH commands, all hosts together."
     )
+    worker_poll_seconds: float = Field(
+        default=5.0, gt=0, le=300, description="How often a site's worker asks its queue for stages."
+    )
+    site_silent_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "A site whose queue no worker asked for this long has no worker: its hosts wait, and a "
+            "stage its worker was running is run again once one is back. Well above the poll."
+        ),
+    )
 
     def ledger_url(self, rehearsal: bool = False) -> str:
         if rehearsal:

@@ -295,6 +295,25 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class StageOrder:
+    """A stage for an executor that runs it in another process (a site's worker), which cannot be handed
+    the in-process ``work``: what that process needs, and how its result becomes the scheduler's."""
+
+    start: Start
+    host: Host
+    run_id: str
+    claims: Callable[[], tuple[int, ...]]
+    """The pool claims granted for the stage, handed over (the remote stage gives them back)."""
+    outcome: Callable[[StageResult], Outcome]
+
+
+class RemoteExecutor(Executor, Protocol):
+    """An executor whose stages run their own :class:`StageRunner` elsewhere, on the same ledger."""
+
+    def submit_order(self, order: StageOrder, deliver: Callable[[Outcome], None]) -> None: ...
+
+
 class ThreadExecutor:
     """Stages on a thread pool. Its size bounds only how many stages *run* at once (waiting costs no
     thread); it is a safety net far above what the pools allow, not a schedule limit."""
@@ -650,6 +669,19 @@ class _Starter:
             result = self._runner.run(host, stage, lambda: self._world.take_claims(start.host))
             return outcome_of(result, host, self._jobs[start.host], start)
 
+        submit_order = getattr(self._campaign.executor, "submit_order", None)
+        if submit_order is not None:  # a RemoteExecutor: the stage runs in another process
+            submit_order(
+                StageOrder(
+                    start,
+                    host,
+                    self._campaign.run_id,
+                    lambda: self._world.take_claims(start.host),
+                    lambda result: outcome_of(result, host, self._jobs[start.host], start),
+                ),
+                self._clock.deliver,
+            )
+            return
         self._campaign.executor.submit(start, work, self._clock.deliver)
 
 

@@ -47,7 +47,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field, create_model
 
-from restore_flows.bootstrap import live_fleet, load_and_sync, open_ledger
+from restore_flows.bootstrap import Context, live_fleet, load_and_sync, open_ledger
 from restore_flows.drivers.base import Fleet
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.execution.campaign import (
@@ -55,6 +55,7 @@ from restore_flows.execution.campaign import (
     Automatic,
     Campaign,
     CampaignSettings,
+    Executor,
     RunSummary,
     Selection,
     Status,
@@ -64,6 +65,7 @@ from restore_flows.execution.eta import estate_status, format_minutes
 from restore_flows.flows.progress import RunProgress, summary_markdown
 from restore_flows.inventory.models import Stage
 from restore_flows.ledger.records import RunRecord
+from restore_flows.planning import Plan
 from restore_flows.scheduling.clock import Outcome, Result
 from restore_flows.scheduling.scheduler import Start
 from restore_flows.settings import Settings
@@ -120,6 +122,13 @@ class _Common(BaseModel):
     seed: int = Field(default=0, description="Rehearsal: seed of the injected failures and noise.")
     broken_hosts: list[str] = Field(
         default_factory=list, description="Rehearsal drill: these hosts fail their wipe every time."
+    )
+    site_workers: bool = Field(
+        default=False,
+        description=(
+            "Run each host's stages on its site's worker (restore worker SITE), from the site's network; "
+            "this run only schedules. A site without a worker waits; the others go on."
+        ),
     )
 
 
@@ -440,7 +449,7 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
             selection,
             run_id=run_id,
             actor="prefect",
-            executor=PrefectExecutor(),
+            executor=_executor(params, context, the_plan, hosts),
             approver=approver,
             settings=_campaign_settings(context.settings, params),
             on_change=progress.changed,
@@ -455,6 +464,30 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
             summary_markdown(scope, summary, the_plan), key="run-summary", description="How the run ended"
         )
         return _state(scope, summary)
+
+
+def _executor(params: _Common, context: Context, the_plan: Plan, hosts: Sequence[str]) -> Executor:
+    """This flow's task runs, or the hosts' site workers (each stage a flow run on its site's queue)."""
+    if not params.site_workers:
+        return PrefectExecutor()
+    from restore_flows.flows.sites import FleetParameters, SiteExecutor
+
+    settings = context.settings
+    rehearsal = params.mode is Mode.REHEARSAL
+    executor = SiteExecutor(
+        context.ledger,
+        settings.ledger_url(rehearsal=rehearsal),
+        rehearsal=rehearsal,
+        fleet=FleetParameters(
+            params.time_scale,
+            params.fail_rate,
+            params.duration_noise,
+            params.seed,
+            tuple(params.broken_hosts),
+        ),
+        silent_seconds=settings.site_silent_seconds,
+    )
+    return executor.open({the_plan.estate.hosts[n].site for n in hosts})
 
 
 def _close_dead_flow_runs(gone: Sequence[RunRecord]) -> None:

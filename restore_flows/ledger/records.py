@@ -82,6 +82,8 @@ class AttemptRecord:
     ended_at: dt.datetime | None
     outcome: str
     error: str | None
+    executed_by: str | None = None
+    """The site worker that ran it; None when the run's own process did."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,8 +111,16 @@ class _Change:
 class Ledger:
     """The repository over the ledger database. Safe to share between threads; one per process."""
 
-    def __init__(self, engine: Engine, clock: Clock = utcnow, stale_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Clock = utcnow,
+        stale_seconds: float = 30.0,
+        executed_by: str | None = None,
+    ) -> None:
         self._engine = engine
+        self.executed_by = executed_by
+        """The site worker this process is (its stage attempts record it); None: the run's own process."""
         self._reader = engine.execution_options(**READ_ONLY)
         self._clock = clock
         self.stale_seconds = stale_seconds
@@ -647,8 +655,8 @@ class Ledger:
         self._log(db, host, state, event, target, run_id, actor, detail, error, now)
         return _Change(host, state, target)
 
-    @staticmethod
     def _log(
+        self,
         db: Connection,
         host: str,
         state: HostState,
@@ -677,7 +685,13 @@ class Ledger:
         if event in START_STAGE:
             db.execute(
                 _OPEN_ATTEMPT,
-                {"b_host": host, "b_stage": START_STAGE[event].value, "b_run_id": run_id, "b_now": now},
+                {
+                    "b_host": host,
+                    "b_stage": START_STAGE[event].value,
+                    "b_run_id": run_id,
+                    "b_now": now,
+                    "b_by": self.executed_by,
+                },
             )
         elif event in OUTCOMES and state in STAGE_OF_STATE:
             db.execute(
@@ -765,7 +779,15 @@ class Ledger:
             )
             attempts = tuple(
                 AttemptRecord(
-                    r.host, r.stage, r.number, r.run_id, r.started_at, r.ended_at, r.outcome, r.error
+                    r.host,
+                    r.stage,
+                    r.number,
+                    r.run_id,
+                    r.started_at,
+                    r.ended_at,
+                    r.outcome,
+                    r.error,
+                    r.executed_by,
                 )
                 for r in db.execute(select(ATTEMPTS).where(ATTEMPTS.c.host == name).order_by(ATTEMPTS.c.id))
             )
@@ -872,7 +894,7 @@ class Ledger:
         if r is None:
             return None
         return AttemptRecord(
-            r.host, r.stage, r.number, r.run_id, r.started_at, r.ended_at, r.outcome, r.error
+            r.host, r.stage, r.number, r.run_id, r.started_at, r.ended_at, r.outcome, r.error, r.executed_by
         )
 
     @retried
@@ -928,7 +950,7 @@ _LOG_TRANSITION = insert(TRANSITIONS)
 # One statement: the next attempt number is computed in the INSERT (an aggregate without GROUP BY
 # always yields one row), so opening an attempt is a single round trip.
 _OPEN_ATTEMPT = insert(ATTEMPTS).from_select(
-    ["host", "stage", "number", "run_id", "started_at", "outcome"],
+    ["host", "stage", "number", "run_id", "started_at", "outcome", "executed_by"],
     select(
         bindparam("b_host", type_=ATTEMPTS.c.host.type),
         bindparam("b_stage", type_=ATTEMPTS.c.stage.type),
@@ -936,6 +958,7 @@ _OPEN_ATTEMPT = insert(ATTEMPTS).from_select(
         bindparam("b_run_id", type_=ATTEMPTS.c.run_id.type),
         bindparam("b_now", type_=ATTEMPTS.c.started_at.type),
         literal("running", type_=ATTEMPTS.c.outcome.type),
+        bindparam("b_by", type_=ATTEMPTS.c.executed_by.type),
     ).where(ATTEMPTS.c.host == bindparam("b_host"), ATTEMPTS.c.stage == bindparam("b_stage")),
 )
 _CLOSE_ATTEMPT = (

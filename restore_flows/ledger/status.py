@@ -119,6 +119,7 @@ def history_report(history: History) -> dict[str, Any]:
                 "ended": iso(a.ended_at),
                 "outcome": a.outcome,
                 "error": a.error,
+                "executed_by": a.executed_by,
             }
             for a in history.attempts
         ],

@@ -132,6 +132,8 @@ class AttemptRow(Base):
     ended_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     outcome: Mapped[str] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    executed_by: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    """Which site worker ran the stage ('arl@host-name'); empty when the run's own process did."""
 
     __table_args__ = (UniqueConstraint("host", "stage", "number"),)
 
