@@ -434,7 +434,10 @@ class SiteExecutor:
 
     # The Executor protocol: a site executor cannot ship an in-process ``work``.
     def submit(self, start: Any, work: Callable[[], Outcome], deliver: Callable[[Outcome], None]) -> None:
-        raise TypeError("a SiteExecutor runs stages on site workers: the campaign hands it orders")
+        """What the campaign runs itself: procedure steps (host stages come as orders). A forest
+        recovery step runs from here, where the first domain controller is reached, not from a site."""
+        assert self._pool is not None, "open() the executor first"
+        self._pool.submit(lambda: deliver(work()))
 
     def status(self, site: str) -> SiteStatus:
         with self._lock:
