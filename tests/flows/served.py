@@ -18,6 +18,7 @@ from uuid import UUID
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from restore_flows.flows.server import PrefectServer, stop_process_group
 from restore_flows.ledger.db import make_engine
@@ -82,8 +83,12 @@ def serve_inventory(server: PrefectServer, tmp_path: Path, **files: str) -> Serv
 
 
 def api_client(server: PrefectServer) -> SyncPrefectClient:
-    os.environ.update(server.client_env({}))
-    return get_client(sync_client=True)
+    """A client of ``server``. Prefect reads its settings once, when first imported: a test process
+    that imported it before this server existed would otherwise get a throw-away ephemeral server."""
+    settings = server.client_env({})
+    os.environ.update(settings)
+    with temporary_settings(updates={PREFECT_API_URL: settings["PREFECT_API_URL"]}):
+        return get_client(sync_client=True)
 
 
 def start_run(served: Served, deployment: str, **params: Any) -> UUID:

@@ -48,6 +48,7 @@ WITH_SSH = [*GOOD, "gw-10", "gw-11", "gw-12", "gw-13", "gw-14"]
 WS_MAC = "52:54:00:00:0a:01"
 BMC_PASSWORD = "Hosp1tal:BMC-pa55"  # a ':' inside: the secret is split at the first one only
 DEPLOY_TOKEN = "deploy-t0ken-9f8e7d"
+STEP = "krbtgt-reset-gw"
 
 
 @dataclass
@@ -138,6 +139,20 @@ def _inventory(
             {"name": "mgmt", "kind": "server", "services": ["management"]},
         ],
         "hosts": entries,
+        # A credential reset as a procedure step, on a real host: it reads its generated password
+        # from standard input (kept on the peer, for the test to compare with the ledger's
+        # fingerprint) and holds gw-02's release until it is done.
+        "procedures": [
+            {
+                "name": STEP,
+                "runs_on": {"host": "gw-01"},
+                "needs": [{"host": "gw-01", "stage": "verify"}],
+                "command": f"cat > {hosts['gw-01'].directory}/step-stdin && echo reset on {{host}}",
+                "check": {"type": "command", "command": f"test -s {hosts['gw-01'].directory}/step-stdin"},
+                "generates": ["KRBTGT_PASSWORD"],
+                "gates": [{"hosts": ["gw-02"], "before": "release"}],
+            }
+        ],
     }
     directory.mkdir(parents=True)
     (directory / "estate.yaml").write_text(yaml.safe_dump(document, sort_keys=False))

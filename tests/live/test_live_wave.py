@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from restore_flows.drivers.procedures import fingerprint
 from restore_flows.drivers.ssh import describe_key, parse_host_key
 from restore_flows.ledger.db import make_engine
 from restore_flows.ledger.records import History
 from restore_flows.ledger.repository import Ledger
-from restore_flows.states import HostState
-from tests.live.estate import BMC_PASSWORD, DEPLOY_TOKEN, GOOD, IMAGE, SERVERS, LiveEstate, live_estate
+from restore_flows.states import HostState, StepState
+from tests.live.estate import BMC_PASSWORD, DEPLOY_TOKEN, GOOD, IMAGE, SERVERS, STEP, LiveEstate, live_estate
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -151,3 +152,27 @@ def test_no_secret_appears_in_any_output_log_or_the_ledger(wave: Wave) -> None:
     # The capture worked: the drivers' and libraries' debug logs are in it.
     assert "paramiko" in wave.result.stderr
     assert "httpx" in wave.result.stderr
+
+
+def test_the_procedure_step_ran_once_over_ssh_with_its_secret_on_stdin_only(wave: Wave) -> None:
+    steps = wave.records.steps
+    assert steps.step(STEP).state is StepState.DONE
+    history = steps.history(STEP)
+    assert [e.event for e in history.log].count("start") == 1
+    # The command read its generated password from standard input, one NAME=value line.
+    given = (wave.estate.hosts["gw-01"].directory / "step-stdin").read_text()
+    name, _, value = given.strip().partition("=")
+    assert name == "KRBTGT_PASSWORD"
+    assert len(value) >= 32
+    [rotation] = history.rotations
+    assert rotation.fingerprint == fingerprint(value)
+    # Never on a command line, in a log or in the ledger: only its fingerprint.
+    assert value not in wave.result.stdout
+    assert value not in wave.result.stderr
+    assert value.encode() not in wave.estate.ledger.read_bytes()
+    assert f"step {STEP}: online" in wave.result.stdout
+    # gw-02 was released only once the reset was done.
+    done = next(e.at for e in history.log if e.event == "succeed")
+    released = wave.records.history("gw-02").transitions[-1]
+    assert released.to_state is HostState.ONLINE
+    assert released.at >= done
