@@ -255,6 +255,7 @@ def test_installed_offline_it_validates_migrates_and_rehearses_the_core_wave(
     wheels = list(WHEELHOUSE.glob("*.whl"))
     assert any(w.name.startswith("restore_orchestrator-") for w in wheels)
     assert all("win" not in w.name and "macosx" not in w.name for w in wheels), wheels
+    assert not [w.name for w in wheels if w.name.split("-")[0] in ("pytest", "mypy", "ruff", "hypothesis")]
 
     baseline = namespace.sent()
     home = tmp_path / "home"
