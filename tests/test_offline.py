@@ -5,7 +5,9 @@ a network namespace of this test's own with nothing but loopback and a sink: an 
 non-loopback address routes to, and that leads nowhere. A fresh virtual environment is
 made there with this machine's Python 3.11 and filled by ``install-offline``; then ``restore init``,
 ``validate``, ``db upgrade``, a rehearsal of the core wave through its own Prefect server, and
-``restore up``, whose server is asked for what it would otherwise fetch from the internet.
+``restore up``: its UI and live view are searched for links off the machine, a served run of the icu
+wave runs in a process of its own, and its server is asked for what it would otherwise fetch from the
+internet.
 
 Any attempt to reach another address, a DNS lookup included (the namespace's resolver sits behind the
 sink), is a packet counted by the sink: the test fails unless the count stays at zero. The detector is
@@ -304,6 +306,10 @@ def test_installed_offline_it_validates_migrates_and_rehearses_the_core_wave(
     assert worker_types is not None, served.stdout
     assert "process" in worker_types.group(1).split(", "), served.stdout
     assert "external in page: none" in served.stdout, served.stdout
+    served_run = re.search(r"served run: (.*)", served.stdout)
+    assert served_run is not None, served.stdout
+    assert served_run.group(1).startswith("COMPLETED"), served.stdout
+    assert "nothing to do" not in served_run.group(1), served.stdout
 
     assert namespace.sent() == baseline, (
         f"{namespace.sent() - baseline} packets left for a non-loopback address:\n{namespace.tried()}"
@@ -335,6 +341,21 @@ while httpx.post(base + "/api/deployments/filter", json={}, timeout=10).json() =
 view = httpx.get(base + "/api/collections/views/aggregate-worker-metadata", timeout=60)
 view.raise_for_status()
 print("worker types:", ", ".join(sorted(view.json().get("prefect", {}))))
+# A flow run as ops start it from the UI (served, so in a process of its own): the next wave, which
+# the core wave's rehearsal left to do.
+wave = httpx.get(base + "/api/deployments/name/restore-wave/restore-wave", timeout=10).json()
+run = httpx.post(
+    base + f"/api/deployments/{wave['id']}/create_flow_run",
+    json={"parameters": {"params": {"wave": "icu"}}},
+    timeout=10,
+).json()
+deadline = time.monotonic() + 300
+while True:
+    state = httpx.get(base + f"/api/flow_runs/{run['id']}", timeout=10).json()["state"]
+    if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print("served run:", state["type"], state.get("message"))
 external = []
 for page_url in sys.argv[1:]:  # the Prefect UI, the managers' live view
     page = httpx.get(page_url + "/", timeout=10)
@@ -367,7 +388,7 @@ def _serve_and_probe(
             [python, "-c", PROBE, "http://127.0.0.1:4200", "http://127.0.0.1:4201"],
             env=env,
             cwd=site,
-            timeout=300,
+            timeout=600,
             log=logs / "probe.log",
         )
     finally:
