@@ -334,36 +334,42 @@ while True:
     if time.monotonic() > deadline:
         sys.exit("the server of 'restore up' never became healthy")
     time.sleep(0.5)
-while httpx.post(base + "/api/deployments/filter", json={}, timeout=10).json() == []:
+wave_url = base + "/api/deployments/name/restore-wave/restore-wave"
+while (found := httpx.get(wave_url, timeout=30)).status_code == 404:
     if time.monotonic() > deadline:
-        sys.exit("'restore up' never served its deployments")
+        sys.exit("'restore up' never served restore-wave")
     time.sleep(0.5)
+found.raise_for_status()
+wave = found.json()
 view = httpx.get(base + "/api/collections/views/aggregate-worker-metadata", timeout=60)
 view.raise_for_status()
 print("worker types:", ", ".join(sorted(view.json().get("prefect", {}))))
 # A flow run as ops start it from the UI (served, so in a process of its own): the next wave, which
 # the core wave's rehearsal left to do.
-wave = httpx.get(base + "/api/deployments/name/restore-wave/restore-wave", timeout=10).json()
 run = httpx.post(
     base + f"/api/deployments/{wave['id']}/create_flow_run",
     json={"parameters": {"params": {"wave": "icu"}}},
-    timeout=10,
+    timeout=30,
 ).json()
-deadline = time.monotonic() + 300
-while True:
-    state = httpx.get(base + f"/api/flow_runs/{run['id']}", timeout=10).json()["state"]
-    if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
+deadline = time.monotonic() + 400
+state = {"type": "NOT READ", "message": "the server never answered"}
+while time.monotonic() < deadline:
+    try:  # a loaded server (a run of 145 hosts recording its task runs) may answer late
+        state = httpx.get(base + f"/api/flow_runs/{run['id']}", timeout=30).json()["state"]
+    except httpx.TimeoutException:
+        continue
+    if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
         break
     time.sleep(0.5)
 print("served run:", state["type"], state.get("message"))
 external = []
 for page_url in sys.argv[1:]:  # the Prefect UI, the managers' live view
-    page = httpx.get(page_url + "/", timeout=10)
+    page = httpx.get(page_url + "/", timeout=30)
     page.raise_for_status()
     linked = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     external += [link for link in linked if re.match(r"(https?:)?//", link)]
     for sheet in [link for link in linked if link.endswith(".css") and link not in external]:
-        css = httpx.get(str(page.url.join(sheet)), timeout=10).text
+        css = httpx.get(str(page.url.join(sheet)), timeout=30).text
         external += re.findall(r'url\(\s*["\x27]?((?:https?:)?//[^)"\x27]+)', css)
 print("external in page:", ", ".join(external) or "none")
 """
