@@ -38,6 +38,7 @@ from restore_flows.inventory.schema import write_schema
 from restore_flows.ledger import db as ledger_db
 from restore_flows.ledger.db import SchemaError
 from restore_flows.ledger.status import history_report, step_history_report
+from restore_flows.offline import stay_offline
 from restore_flows.planning import Plan
 from restore_flows.planning import plan as make_plan
 from restore_flows.settings import Settings
@@ -710,6 +711,8 @@ def forecast(
 
 
 def main() -> None:
+    # Before anything loads Prefect (its telemetry starts at import), and for every process started.
+    stay_offline()
     try:
         app()
     except KeyboardInterrupt:

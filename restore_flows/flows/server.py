@@ -1,8 +1,9 @@
 """A local Prefect server, started and stopped by the project (``restore up``, rehearsals, tests).
 
 Prefect's ephemeral mode loses history and dropped task runs under load, so the project always runs a
-real server: bound to loopback by default, analytics off, its own home directory, and the event and
-task-run batching raised so that thousands of task runs are recorded in seconds, not minutes.
+real server: bound to loopback by default, analytics off and no way out (``restore_flows.offline``), its
+own home directory, and the event and task-run batching raised so that thousands of task runs are
+recorded in seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 
 from restore_flows.errors import RestoreError
+from restore_flows.offline import CLIENT_ENV, server_env
 
 TUNED_SERVER_ENV: Mapping[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -74,7 +76,7 @@ def client_settings(api_url: str, home: Path) -> dict[str, str]:
     return {
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **CLIENT_ENV,
         # A missing API URL must be an error, never a throw-away ephemeral server.
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
     }
@@ -94,6 +96,7 @@ def start_server(
     env = dict(os.environ)
     env.pop("PREFECT_PROFILE", None)
     env.update(TUNED_SERVER_ENV)
+    env.update(server_env(host))
     env.update(client_settings(api_url, home))
     # Without it the UI in the browser calls port 4200 whatever port the server is on.
     env["PREFECT_UI_API_URL"] = api_url
