@@ -22,6 +22,7 @@ from restore_flows.errors import LedgerError
 from restore_flows.execution.campaign import CampaignSettings, Named, Status
 from restore_flows.execution.eta import as_utc
 from restore_flows.inventory.loader import load_estate
+from restore_flows.inventory.models import Stage
 from restore_flows.inventory.procedures import ProcedureStep
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
@@ -289,3 +290,29 @@ def _done_at(ledger: Ledger, step: str) -> dt.datetime:
         if e.event in (StepEvent.SUCCEED.value, StepEvent.DONE_BY_HAND.value)
     ]
     return as_utc(done)
+
+
+def test_the_sample_forest_recovery_runs_in_order_on_the_virtual_clock() -> None:
+    the_plan = plan(load_estate(Path("inventory")))
+    found = forecast(the_plan)
+    steps = the_plan.estate.procedures
+    times = {name: found.step_times(name) for name in steps}
+    for name, step in steps.items():
+        start, _ = times[name]
+        assert start is not None, name
+        for need in step.needs:
+            if need.name in steps:
+                assert start >= (times[need.name][1] or 0.0), (name, need.name)
+    start_2, _ = times["krbtgt-reset-2"]
+    assert start_2 is not None
+    assert start_2 >= (times["krbtgt-reset-1"][1] or 0.0) + 600
+    # No workstation is released before the first reset and the privileged accounts' reset; remote
+    # access and mail not before the second.
+    first = max(times[n][1] or 0.0 for n in ("krbtgt-reset-1", "privileged-accounts-reset"))
+    hosts = the_plan.estate.hosts
+    for name, host in hosts.items():
+        if host.kind.value == "workstation":
+            assert found.starts[(name, Stage.RELEASE)] >= first, name
+        if host.role in ("citrix-storefront", "mail"):
+            assert found.starts[(name, Stage.RELEASE)] >= (times["krbtgt-reset-2"][1] or 0.0), name
+    assert found.starts[("dc-dc1-01", Stage.RELEASE)] >= (times["krbtgt-reset-1"][1] or 0.0)
