@@ -137,11 +137,6 @@ def head_revision() -> str:
     return head
 
 
-def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
-
-
 def upgrade(engine: Engine, revision: str = "head") -> None:
     _migrate(engine, command.upgrade, revision)
 
@@ -152,10 +147,19 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
     config = alembic_config(engine.url.render_as_string(hide_password=False))
-    try:
+
+    def migrate() -> None:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
             step(config, revision)
+
+    # A migration is one transaction: cut off (a terminated connection, a deadlock) it is rolled
+    # back and may run again whole. Reaching an absolute target ('head', 'base', a revision id) a
+    # second time after a commit whose answer was lost does nothing; a relative one ('+1', 'head-1')
+    # would move again, so it is not retried.
+    relative = "+" in revision or "-" in revision
+    try:
+        (migrate if relative else retried(migrate))()
     except CommandError as exc:  # an unknown revision, most often: say it in the project's words
         raise SchemaError(f"cannot migrate to {revision!r}: {exc}") from exc
 
@@ -231,3 +235,9 @@ def retried(method: Callable[P, R]) -> Callable[P, R]:
                 delay = min(delay * 2, 2.0)
 
     return wrapper
+
+
+@retried
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
