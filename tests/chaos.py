@@ -48,7 +48,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from restore_flows.ledger.audit import Audit, audit
-from restore_flows.ledger.db import make_engine
+from restore_flows.ledger.db import make_engine, retried
 from restore_flows.ledger.tables import RunRow, TransitionRow
 from restore_flows.states import Event, HostState
 
@@ -204,15 +204,9 @@ def hosts_of(inventory: Path, waves: Sequence[str]) -> list[str]:
 def check(series: Series, engine: Engine, hosts: Sequence[str]) -> None:
     """Read the ledger after a series (or a round of one: the figures add up): fills ``online``,
     ``hosts``, ``audit``, ``problems`` and the killed runs' outcomes. No run may be alive any more."""
+    found, states, runs, log = _read(engine)
     series.hosts += len(hosts)
-    found = audit(engine, quiet=True)
     series.audit = found if series.audit is None else _merged(series.audit, found)
-    with engine.connect() as db:
-        states = {r.name: r.state for r in db.execute(text("SELECT name, state FROM hosts"))}
-        runs = {r.id: r for r in db.execute(select(RUNS.c.id, RUNS.c.ended_at, RUNS.c.outcome))}
-        log = db.execute(
-            select(LOG.c.host, LOG.c.event, LOG.c.from_state, LOG.c.run_id, LOG.c.detail).order_by(LOG.c.id)
-        ).all()
     series.online += sum(1 for h in hosts if states.get(h) == HostState.ONLINE.value)
     for run_id, row in runs.items():
         if row.ended_at is None or not row.outcome:
@@ -225,6 +219,19 @@ def check(series: Series, engine: Engine, hosts: Sequence[str]) -> None:
     series.taken_over += sum(
         1 for e in log if e.event == Event.INTERRUPTED.value or finished in (e.detail or "")
     )
+
+
+@retried
+def _read(engine: Engine) -> tuple[Audit, dict[str, str], dict[str, Any], list[Any]]:
+    """Everything the checks read, again if a connection is cut meanwhile (the chaos may go on)."""
+    found = audit(engine, quiet=True)
+    with engine.connect() as db:
+        states = {r.name: r.state for r in db.execute(text("SELECT name, state FROM hosts"))}
+        runs = {r.id: r for r in db.execute(select(RUNS.c.id, RUNS.c.ended_at, RUNS.c.outcome))}
+        log = db.execute(
+            select(LOG.c.host, LOG.c.event, LOG.c.from_state, LOG.c.run_id, LOG.c.detail).order_by(LOG.c.id)
+        ).all()
+    return found, states, runs, list(log)
 
 
 def _merged(first: Audit, then: Audit) -> Audit:
@@ -669,7 +676,7 @@ from pathlib import Path
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.execution.campaign import Automatic, CampaignSettings, Selection, run_campaign
 from restore_flows.inventory.loader import load_estate
-from restore_flows.ledger.db import make_engine
+from restore_flows.ledger.db import make_engine, retried
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import plan
 from restore_flows.scheduling.runner import Retries
