@@ -586,6 +586,59 @@ class Ledger:
         return change.to_state
 
     @retried
+    def resume(self, lease: Lease, *, actor: str, error: str, detail: str) -> HostState:
+        """A stage a lost run left running, which the host's facts do not show finished: recorded as
+        interrupted and retried in one transaction. Returns the state the stage starts from again.
+
+        As two transactions, a crash between them (of the run taking over, killed in its turn) left
+        the host in the stage's failed state, which only an operator may retry, although the run had
+        decided to start the stage again: the next run then stopped there."""
+        now = self._clock()
+        key = (lease.host, lease.run_id, lease.token)
+        self._held.pop(key, None)
+        with self._engine.begin() as db:
+            row = self._host_row(db, lease.host)
+            if not (
+                row.lease_run == lease.run_id
+                and row.lease_token == lease.token
+                and row.lease_expires is not None
+                and row.lease_expires > now
+            ):
+                raise self._lost(db, lease)
+            state = HostState(row.state)
+            if state not in STAGE_OF_STATE and self._applied_already(db, lease, Event.RETRY, state):
+                # The commit of this very resume was lost on the way back (a dropped connection).
+                self._held[key] = state
+                return state
+            guard = _holds(lease, now)
+            failed = self._change(
+                db,
+                lease.host,
+                state,
+                Event.INTERRUPTED,
+                run_id=lease.run_id,
+                actor=actor,
+                detail=None,
+                error=error,
+                now=now,
+                guard=guard,
+                host_row=row,
+            )
+            change = self._change(
+                db,
+                lease.host,
+                failed.to_state,
+                Event.RETRY,
+                run_id=lease.run_id,
+                actor=actor,
+                detail=detail,
+                now=now,
+                guard=guard,
+            )
+        self._held[key] = change.to_state
+        return change.to_state
+
+    @retried
     def operator_event(self, host: str, event: Event, *, actor: str, reason: str | None) -> HostState:
         """An operator's decision (retry, skip, hold, release_hold, recompromise) on a host no run holds."""
         if not actor.strip():
