@@ -350,7 +350,11 @@ def cli_kills(
             process = subprocess.Popen(command, env=run_env, stdout=out, stderr=out, cwd=scratch)
             progress = wait_progress(probe, before, start_timeout if fresh else rerun_timeout, process)
             if not fresh:
-                if progress is None:
+                if progress is None and process.poll() == 0:
+                    # The killed run had just brought the last host back: the re-run finds nothing left.
+                    series.recovered += 1
+                    series.notes.append(f"re-run after kill {series.kills}: nothing left to do")
+                elif progress is None:
                     ended = process.poll()
                     series.notes.append(f"re-run after kill {series.kills}: no progress (exit {ended})")
                 else:

@@ -67,6 +67,7 @@ from restore_flows.ledger.tables import (
     AttemptRow,
     EvidenceRow,
     HostRow,
+    PoolClaimRow,
     RunRow,
     TransitionRow,
 )
@@ -93,6 +94,7 @@ RUNS = cast(Table, RunRow.__table__)
 TRANSITIONS = cast(Table, TransitionRow.__table__)
 ATTEMPTS = cast(Table, AttemptRow.__table__)
 EVIDENCE = cast(Table, EvidenceRow.__table__)
+CLAIMS = cast(Table, PoolClaimRow.__table__)
 APPROVALS = cast(Table, ApprovalRow.__table__)
 APPROVED = cast(Table, ApprovedHostRow.__table__)
 
@@ -319,6 +321,22 @@ class Ledger:
                     .values(ended_at=now, outcome=outcome)
                 )
                 gone.append(record)
+            # What ended runs still hold is given back: a run found dead when another took one of its
+            # hosts over keeps the leases of its other hosts, and one killed after its last host came
+            # online keeps that host's lease, which no later run asks for. Harmless to the fencing:
+            # the dead run's late writes need its lease, and a host left mid-stage is still found
+            # by its open attempt.
+            ended = select(RUNS.c.id).where(RUNS.c.ended_at.is_not(None)).scalar_subquery()
+            db.execute(
+                update(HOSTS)
+                .where(HOSTS.c.lease_run.in_(ended))
+                .values(lease_run=None, lease_token=None, lease_expires=None)
+            )
+            db.execute(
+                update(CLAIMS)
+                .where(CLAIMS.c.run_id.in_(ended), CLAIMS.c.released_at.is_(None))
+                .values(released_at=now)
+            )
         return gone
 
     @retried
