@@ -16,7 +16,8 @@ left held); every resumed wipe explained in the history; every run closed with a
 killed run found dead at once ('crashed'). The time from each re-run to its first progress is measured.
 
     .venv/bin/python benchmarks/chaos.py [--kills 50] [--prefect-kills 5] [--time-scale 0.002] [--seed 1]
-        [--postgres-waves WAVES] [--skip-cli] [--skip-prefect] [--skip-postgres] [--skip-contention]
+        [--rerun-timeout 60] [--postgres-waves WAVES] [--terminate-every 0.5]
+        [--skip-cli] [--skip-prefect] [--skip-postgres] [--skip-contention]
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--prefect-kills", type=int, default=5)
     parser.add_argument("--time-scale", type=float, default=0.002)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--rerun-timeout", type=float, default=60.0, help="seconds a re-run may take to make progress"
+    )
     parser.add_argument("--waves", default="core,icu", help="waves of the CLI and Prefect series")
     parser.add_argument(
         "--postgres-waves", default="", help="waves of the PostgreSQL campaigns (default: all, 1,700 hosts)"
@@ -74,7 +78,13 @@ def main() -> None:
         if not args.skip_cli:
             done(
                 cli_kills(
-                    inventory, waves, args.kills, scale=args.time_scale, seed=args.seed, scratch=scratch
+                    inventory,
+                    waves,
+                    args.kills,
+                    scale=args.time_scale,
+                    seed=args.seed,
+                    scratch=scratch,
+                    rerun_timeout=args.rerun_timeout,
                 )
             )
         if not args.skip_prefect:
@@ -86,6 +96,7 @@ def main() -> None:
                     scale=args.time_scale,
                     seed=args.seed,
                     scratch=scratch,
+                    rerun_timeout=max(args.rerun_timeout, 120.0),
                 )
             )
         if not args.skip_postgres:
