@@ -163,8 +163,13 @@ class Probe:
             return []
 
     def last_transition(self) -> int:
-        rows = self._rows("SELECT max(id) FROM transitions")
+        """The last transition that is progress: enrolling the inventory's hosts is not."""
+        rows = self._rows("SELECT max(id) FROM transitions WHERE event <> 'enroll'")
         return int(rows[0][0] or 0) if rows else 0
+
+    def online(self, hosts: Sequence[str]) -> int:
+        wanted = set(hosts)
+        return sum(1 for r in self._rows("SELECT name FROM hosts WHERE state = 'online'") if r[0] in wanted)
 
     def open_runs(self) -> set[str]:
         return {r[0] for r in self._rows("SELECT id FROM runs WHERE ended_at IS NULL")}
@@ -172,6 +177,15 @@ class Probe:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return -signal.SIGKILL
 
 
 def wait_progress(
@@ -350,10 +364,12 @@ def cli_kills(
             process = subprocess.Popen(command, env=run_env, stdout=out, stderr=out, cwd=scratch)
             progress = wait_progress(probe, before, start_timeout if fresh else rerun_timeout, process)
             if not fresh:
-                if progress is None and process.poll() == 0:
-                    # The killed run had just brought the last host back: the re-run finds nothing left.
-                    series.recovered += 1
-                    series.notes.append(f"re-run after kill {series.kills}: nothing left to do")
+                if progress is None and probe.online(hosts) == len(hosts):
+                    # The killed run had just brought the last host back: the re-run finds nothing
+                    # left, records nothing, and must end well.
+                    code = _ended(process, finish_timeout)
+                    series.recovered += code == 0
+                    series.notes.append(f"re-run after kill {series.kills}: nothing left to do (exit {code})")
                 elif progress is None:
                     ended = process.poll()
                     series.notes.append(f"re-run after kill {series.kills}: no progress (exit {ended})")

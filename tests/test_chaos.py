@@ -24,7 +24,9 @@ from restore_flows.flows.server import PrefectServer
 from restore_flows.settings import Settings
 from tests.chaos import Series, cli_kills, prefect_kills, sqlite_contention, terminating
 
-pytestmark = pytest.mark.slow
+# Real processes killed and started again, through a real Prefect server: slow, and slower on a busy
+# machine, hence a limit above the suite's default.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ESTATE = """
 waves:
@@ -63,7 +65,9 @@ SCALE = 0.002
 takes to start: a kill finds wipes in flight, and the re-run finds them unfinished (resumed, not done
 from the facts). The rest is quick: a rehearsal of the estate above lasts about 40 s."""
 KILLS = 3
-LEASE_SECONDS = Settings().lease_seconds
+RERUN_LIMIT = float(Settings.model_fields["lease_seconds"].default) / 2
+"""A re-run must make progress within half the lease: on an idle machine it takes seconds (the
+benchmark's figure), on a loaded CI machine up to a minute has been seen."""
 
 
 @pytest.fixture
@@ -96,9 +100,9 @@ def assert_recovered(series: Series) -> None:
     assert series.online == series.hosts, shown
     assert series.recovered == series.kills, shown
     assert series.taken_over >= 1, f"no kill found a stage in flight: the test proves little\n{shown}"
-    # Progress long before the dead run's leases (renewed every heartbeat) would have run out: nobody
-    # waited for them.
-    assert all(seconds < LEASE_SECONDS / 5 for seconds in series.progress_seconds), shown
+    # Progress (within RERUN_LIMIT, or the re-run counts as not recovered) well before the dead run's
+    # leases would have run out: nobody waited for them.
+    assert all(seconds < RERUN_LIMIT for seconds in series.progress_seconds), shown
 
 
 def test_kill_9_of_a_rehearsal_then_the_same_command_again(
@@ -113,6 +117,7 @@ def test_kill_9_of_a_rehearsal_then_the_same_command_again(
         scratch=tmp_path,
         env=_server_env(prefect_api),
         window=(0.5, 4.0),
+        rerun_timeout=RERUN_LIMIT,
     )
     assert_recovered(series)
     assert series.killed_runs, series.summary()
@@ -135,6 +140,7 @@ def test_kill_9_of_a_rehearsal_on_postgresql_with_connections_terminated(
             ledger_url=ledger_url_postgresql,
             env=_server_env(prefect_api),
             window=(0.5, 4.0),
+            rerun_timeout=RERUN_LIMIT,
         )
     assert sum(cut) > 0, "no connection was terminated: the test proves nothing"
     assert_recovered(series)
@@ -153,6 +159,7 @@ def test_kill_9_of_restore_up_then_the_flow_run_retried(
         scratch=tmp_path,
         env=_server_env(prefect_api),
         window=(0.5, 4.0),
+        rerun_timeout=RERUN_LIMIT,
     )
     assert_recovered(series)
     assert any(note.startswith("flow run ended Completed") for note in series.notes), series.summary()
