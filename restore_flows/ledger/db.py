@@ -26,6 +26,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from restore_flows.errors import LedgerError
 from restore_flows.settings import Settings
@@ -227,10 +228,15 @@ def retried(method: Callable[P, R]) -> Callable[P, R]:
         while True:
             try:
                 return method(*args, **kwargs)
-            except DBAPIError as exc:
-                if not is_transient(exc) or time.monotonic() + delay > deadline:
+            except (DBAPIError, PoolTimeout) as exc:
+                # PoolTimeout: every connection of this process's pool was busy for the pool's whole
+                # wait (1,700 hosts in flight on a loaded machine): nothing was sent, so waiting again
+                # is safe, and it is no host's failure either.
+                transient = isinstance(exc, PoolTimeout) or is_transient(exc)
+                if not transient or time.monotonic() + delay > deadline:
                     raise
-                log.warning("ledger: %s, retrying %s", exc.orig.__class__.__name__, method.__name__)
+                cause = exc.orig if isinstance(exc, DBAPIError) else exc
+                log.warning("ledger: %s, retrying %s", cause.__class__.__name__, method.__name__)
                 time.sleep(delay * (0.5 + jitter.random()))
                 delay = min(delay * 2, 2.0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -94,3 +95,18 @@ def test_a_connection_terminated_while_reading_the_revision_is_retried(ledger_ur
     require_current_schema(engine)
     assert len(cut) == 1
     engine.dispose()
+
+
+def test_a_busy_connection_pool_is_waited_for_not_failed(ledger_url_postgresql: str) -> None:
+    """With every connection of the process's pool busy past the pool's wait, a ledger call waits
+    again (nothing was sent yet) instead of failing the host it serves."""
+    engine = create_engine(ledger_url_postgresql, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    upgrade(engine)
+    held = engine.connect()
+    freed = threading.Timer(1.0, held.close)  # the busy connection comes back after five pool waits
+    freed.start()
+    try:
+        assert current_revision(engine) == head_revision()
+    finally:
+        freed.join()
+        engine.dispose()
