@@ -195,14 +195,14 @@ class StageRunner:
                 stage,
                 f"the run that started this stage ({lost_run}) was lost; the host's facts show it finished",
             )
-        self._apply(
+        state = self.ledger.resume(
             lease,
-            host,
-            Event.INTERRUPTED,
-            stage,
+            actor=self.actor,
             error=f"run {lost_run} was lost mid-stage and the host's facts do not show the stage finished",
+            detail=f"resumed after the crash of run {lost_run}",
         )
-        return self._apply(lease, host, Event.RETRY, None, f"resumed after the crash of run {lost_run}")
+        self.on_change(host.name, None, state)
+        return state
 
     # -- leases ----------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from restore_flows.errors import LedgerError
 from restore_flows.settings import Settings
@@ -137,11 +138,6 @@ def head_revision() -> str:
     return head
 
 
-def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
-
-
 def upgrade(engine: Engine, revision: str = "head") -> None:
     _migrate(engine, command.upgrade, revision)
 
@@ -152,10 +148,19 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
     config = alembic_config(engine.url.render_as_string(hide_password=False))
-    try:
+
+    def migrate() -> None:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
             step(config, revision)
+
+    # A migration is one transaction: cut off (a terminated connection, a deadlock) it is rolled
+    # back and may run again whole. Reaching an absolute target ('head', 'base', a revision id) a
+    # second time after a commit whose answer was lost does nothing; a relative one ('+1', 'head-1')
+    # would move again, so it is not retried.
+    relative = "+" in revision or "-" in revision
+    try:
+        (migrate if relative else retried(migrate))()
     except CommandError as exc:  # an unknown revision, most often: say it in the project's words
         raise SchemaError(f"cannot migrate to {revision!r}: {exc}") from exc
 
@@ -223,11 +228,22 @@ def retried(method: Callable[P, R]) -> Callable[P, R]:
         while True:
             try:
                 return method(*args, **kwargs)
-            except DBAPIError as exc:
-                if not is_transient(exc) or time.monotonic() + delay > deadline:
+            except (DBAPIError, PoolTimeout) as exc:
+                # PoolTimeout: every connection of this process's pool was busy for the pool's whole
+                # wait (1,700 hosts in flight on a loaded machine): nothing was sent, so waiting again
+                # is safe, and it is no host's failure either.
+                transient = isinstance(exc, PoolTimeout) or is_transient(exc)
+                if not transient or time.monotonic() + delay > deadline:
                     raise
-                log.warning("ledger: %s, retrying %s", exc.orig.__class__.__name__, method.__name__)
+                cause = exc.orig if isinstance(exc, DBAPIError) else exc
+                log.warning("ledger: %s, retrying %s", cause.__class__.__name__, method.__name__)
                 time.sleep(delay * (0.5 + jitter.random()))
                 delay = min(delay * 2, 2.0)
 
     return wrapper
+
+
+@retried
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()

@@ -67,6 +67,7 @@ from restore_flows.ledger.tables import (
     AttemptRow,
     EvidenceRow,
     HostRow,
+    PoolClaimRow,
     RunRow,
     TransitionRow,
 )
@@ -93,6 +94,7 @@ RUNS = cast(Table, RunRow.__table__)
 TRANSITIONS = cast(Table, TransitionRow.__table__)
 ATTEMPTS = cast(Table, AttemptRow.__table__)
 EVIDENCE = cast(Table, EvidenceRow.__table__)
+CLAIMS = cast(Table, PoolClaimRow.__table__)
 APPROVALS = cast(Table, ApprovalRow.__table__)
 APPROVED = cast(Table, ApprovedHostRow.__table__)
 
@@ -327,6 +329,22 @@ class Ledger:
                     .values(ended_at=now, outcome=outcome)
                 )
                 gone.append(record)
+            # What ended runs still hold is given back: a run found dead when another took one of its
+            # hosts over keeps the leases of its other hosts, and one killed after its last host came
+            # online keeps that host's lease, which no later run asks for. Harmless to the fencing:
+            # the dead run's late writes need its lease, and a host left mid-stage is still found
+            # by its open attempt.
+            ended = select(RUNS.c.id).where(RUNS.c.ended_at.is_not(None)).scalar_subquery()
+            db.execute(
+                update(HOSTS)
+                .where(HOSTS.c.lease_run.in_(ended))
+                .values(lease_run=None, lease_token=None, lease_expires=None)
+            )
+            db.execute(
+                update(CLAIMS)
+                .where(CLAIMS.c.run_id.in_(ended), CLAIMS.c.released_at.is_(None))
+                .values(released_at=now)
+            )
         return gone
 
     @retried
@@ -590,6 +608,59 @@ class Ledger:
                 host_row=row,
             )
             self.slots.release_in(db, release, now)
+        self._held[key] = change.to_state
+        return change.to_state
+
+    @retried
+    def resume(self, lease: Lease, *, actor: str, error: str, detail: str) -> HostState:
+        """A stage a lost run left running, which the host's facts do not show finished: recorded as
+        interrupted and retried in one transaction. Returns the state the stage starts from again.
+
+        As two transactions, a crash between them (of the run taking over, killed in its turn) left
+        the host in the stage's failed state, which only an operator may retry, although the run had
+        decided to start the stage again: the next run then stopped there."""
+        now = self._clock()
+        key = (lease.host, lease.run_id, lease.token)
+        self._held.pop(key, None)
+        with self._engine.begin() as db:
+            row = self._host_row(db, lease.host)
+            if not (
+                row.lease_run == lease.run_id
+                and row.lease_token == lease.token
+                and row.lease_expires is not None
+                and row.lease_expires > now
+            ):
+                raise self._lost(db, lease)
+            state = HostState(row.state)
+            if state not in STAGE_OF_STATE and self._applied_already(db, lease, Event.RETRY, state):
+                # The commit of this very resume was lost on the way back (a dropped connection).
+                self._held[key] = state
+                return state
+            guard = _holds(lease, now)
+            failed = self._change(
+                db,
+                lease.host,
+                state,
+                Event.INTERRUPTED,
+                run_id=lease.run_id,
+                actor=actor,
+                detail=None,
+                error=error,
+                now=now,
+                guard=guard,
+                host_row=row,
+            )
+            change = self._change(
+                db,
+                lease.host,
+                failed.to_state,
+                Event.RETRY,
+                run_id=lease.run_id,
+                actor=actor,
+                detail=detail,
+                now=now,
+                guard=guard,
+            )
         self._held[key] = change.to_state
         return change.to_state
 

@@ -8,9 +8,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, select
+from sqlalchemy import event as db_events
 
 from restore_flows.drivers.fake import SimulatedFleet
 from restore_flows.errors import LeaseHeld
@@ -24,6 +26,7 @@ from restore_flows.execution.campaign import (
 from restore_flows.inventory.estate import Host
 from restore_flows.inventory.loader import load_estate
 from restore_flows.inventory.models import Stage
+from restore_flows.ledger.audit import audit
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.pools import Request
 from restore_flows.ledger.repository import Ledger
@@ -31,6 +34,7 @@ from restore_flows.ledger.tables import PoolClaimRow
 from restore_flows.planning import Plan, plan
 from restore_flows.scheduling.runner import Retries
 from restore_flows.states import Event, HostState
+from tests.chaos import terminating
 from tests.conftest import WriteInventory
 from tests.execution.conftest import FAST, Clock, run_threads
 
@@ -344,6 +348,64 @@ def test_an_interrupted_wipe_is_finished_from_facts_or_resumed(
         assert [a.outcome for a in history.attempts if a.stage == "wipe"] == ["interrupted", "succeeded"]
 
 
+class Crash(BaseException):
+    """Stands for a kill -9 of the process at that very statement: nothing after it runs."""
+
+
+def test_a_run_killed_while_taking_over_a_stage_leaves_it_to_resume(
+    ledger: Ledger, small_plan: Plan, clock: Clock
+) -> None:
+    """The run that takes over a lost wipe records 'interrupted' and 'retry' together: killed between
+    the two, it used to leave the host wipe_failed, for an operator, and the next run stopped there."""
+    first = _interrupt(ledger, clock, "gw-01")
+    second = ledger.start_run("rehearsal", "icu", "second")
+    ledger.record_approval(second, "icu", ["gw-01"], "Dr. A", "shown")
+    lease = ledger.acquire("gw-01", second, 60)
+    assert lease.interrupted_stage == "wipe"
+
+    def crash_at_the_retry(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO TRANSITIONS") and "retry" in str(parameters):
+            raise Crash
+
+    db_events.listen(ledger._engine, "before_cursor_execute", crash_at_the_retry)
+    try:
+        with pytest.raises(Crash):
+            ledger.resume(
+                lease,
+                actor="second",
+                error="lost mid-stage",
+                detail=f"resumed after the crash of run {first}",
+            )
+    finally:
+        db_events.remove(ledger._engine, "before_cursor_execute", crash_at_the_retry)
+    assert ledger.host("gw-01").state is HostState.WIPING  # nothing of the takeover was kept
+    assert [t.event for t in ledger.history("gw-01").transitions] == ["enroll", "start_wipe"]
+
+    clock.advance(120)  # the second run is gone too: the next one takes over and resumes the wipe
+    settings = CampaignSettings(
+        retries=Retries(backoff_minutes=(0.0,)), poll_seconds=0.02, dependency_timeout=0
+    )
+
+    class Unfinished(SimulatedFleet):
+        def stage_finished(self, host: Host, stage: Stage, started_at: dt.datetime) -> bool:
+            return False  # the deployment server cannot vouch for the lost wipe
+
+    run_threads(
+        ledger, small_plan, Unfinished(), "icu", hosts=("gw-01",), approver="Dr. A", settings=settings
+    )
+    history = ledger.history("gw-01")
+    assert [t.event for t in history.transitions][:6] == [
+        "enroll",
+        "start_wipe",
+        "interrupted",
+        "retry",
+        "start_wipe",
+        "wipe_done",
+    ]
+    assert history.transitions[3].detail == f"resumed after the crash of run {first}"
+    assert ledger.host("gw-01").state is HostState.REIMAGED  # as far as it goes without dc-01
+
+
 def test_a_clean_host_is_never_wiped_again_after_a_crash(
     ledger: Ledger, small_plan: Plan, clock: Clock
 ) -> None:
@@ -545,34 +607,15 @@ def test_postgresql_connections_terminated_mid_run_fail_no_host(
     each transaction that loses its connection is run again; no host fails for the database."""
     the_plan = plan(load_estate(Path(__file__).resolve().parents[2] / "inventory"))
     ledger = _ledger(tmp_path, the_plan, ledger_url_postgresql)
-    database = ledger_url_postgresql.rsplit("/", 1)[1]
-    admin = create_engine(ledger_url_postgresql.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
-    stop = threading.Event()
-    killed: list[int] = []
-
-    def terminate() -> None:
-        with admin.connect() as db:
-            while not stop.wait(0.5):
-                rows = db.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :name AND pid <> pg_backend_pid()"
-                    ),
-                    {"name": database},
-                ).all()
-                killed.append(len(rows))
-
-    killer = threading.Thread(target=terminate)
-    killer.start()
-    try:
+    with terminating(ledger_url_postgresql, every=0.5) as killed:
         _, summary = run_threads(ledger, the_plan, SimulatedFleet(), "core", "icu")
-    finally:
-        stop.set()
-        killer.join()
-        admin.dispose()
     assert sum(killed) > 10, killed  # connections really were cut, many times
     assert summary.ok, [(p.host, p.error) for p in summary.hosts.values() if p.status is not Status.ONLINE]
     assert any("retrying" in r.message for r in caplog.records)
     for name in the_plan.wave("icu").hosts[:20]:
         events = [t.event for t in ledger.history(name).transitions]
         assert events.count("start_wipe") == 1, (name, events)
+    # Read by the independent audit: every log replays (no event lost or recorded twice by a retried
+    # transaction whose commit was lost with its connection), nothing left held.
+    found = audit(ledger._engine, quiet=True)
+    assert found.ok, found.problems[:10]

@@ -9,15 +9,16 @@ import subprocess
 import sys
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, func, select, update
 
 from restore_flows.errors import LeaseHeld, LeaseLost
-from restore_flows.ledger.pools import Request
+from restore_flows.ledger.pools import CLAIMS, Request
 from restore_flows.ledger.repository import RUNS, Ledger
 from restore_flows.planning import Plan
 from restore_flows.states import Event
 
 HOST = "ws-icu-arl-001"
+OTHER = "ws-icu-arl-002"
 
 
 class Clock:
@@ -108,3 +109,30 @@ def test_a_dead_runs_pool_slots_are_given_back_at_once(clocked: tuple[Ledger, Cl
 
 def _machine() -> str:
     return socket.gethostname()
+
+
+def test_what_dead_runs_still_hold_is_given_back_when_they_are_reaped(
+    clocked: tuple[Ledger, Clock], engine: Engine
+) -> None:
+    """A run found dead because another took one of its hosts over keeps its other leases (and one
+    killed after its last host came online keeps that lease, which no run asks for again): reaping
+    gives back every lease and pool claim of every ended run, so that nothing is left held."""
+    ledger, clock = clocked
+    dead = ledger.start_run("rehearsal", "icu", "a")
+    _elsewhere(engine, dead)
+    ledger.acquire(HOST, dead, seconds=300)
+    ledger.acquire(OTHER, dead, seconds=300)
+    pool = "imaging-arl"
+    assert ledger.slots.grant(dead, [Request(OTHER, "reimage", (pool,), 1)], 300).granted
+    clock.advance(31)
+    live = ledger.start_run("rehearsal", "icu", "b")
+    assert ledger.acquire(HOST, live, seconds=300).run_id == live  # takes one host over
+    ledger.reap()
+    assert ledger.host(OTHER).lease_run is None
+    assert ledger.host(HOST).lease_run == live  # a live run's lease is its own
+    assert ledger.slots.taken_by_others(live) == {}
+    with engine.connect() as db:
+        open_claims = db.execute(
+            select(func.count()).select_from(CLAIMS).where(CLAIMS.c.released_at.is_(None))
+        ).scalar_one()
+    assert open_claims == 0
