@@ -345,7 +345,7 @@ class FormApprover:
                     with self._lock:
                         self._refused.update(
                             {
-                                w.wave: f"approval refused: the names were typed as {typed!r}; "
+                                w.wave: f"approval refused: the {_typed(w)} typed as {typed!r}; "
                                 + _untouched(w)
                                 for w in left
                             }
@@ -375,6 +375,10 @@ def as_markdown(summary: str) -> str:
     site and kind. Every line is set apart by a blank line: the form keeps only double line breaks
     (the newer UI shows the same text on one line, still readable)."""
     return "\n\n".join(line.strip() for line in summary.splitlines() if line.strip())
+
+
+def _typed(asked: WaveToApprove) -> str:
+    return "step's name was" if asked.wave.startswith(STEP_SCOPE) else "wave names were"
 
 
 def _untouched(asked: WaveToApprove) -> str:
