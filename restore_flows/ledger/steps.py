@@ -361,6 +361,7 @@ class Steps:
         process = db.execute(select(RUNS.c.process).where(RUNS.c.id == run_id)).scalar_one_or_none()
         return not dead_here(process)
 
+    @retried
     def approved(self, run_id: str) -> set[str]:
         """The steps given their named approval for this run (a run resumed after a crash keeps them)."""
         prefix = approval_scope("")
