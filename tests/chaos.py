@@ -490,7 +490,7 @@ def prefect_kills(
             _environment(client_settings(f"http://127.0.0.1:{port}/api", data / "prefect")),
             get_client(sync_client=True) as client,
         ):
-            deployment = _deployment(client, "restore-estate/restore-estate", serving)
+            deployment = _deployment(client, "restore-estate/restore-estate", serving, waves)
             run = client.create_flow_run_from_deployment(
                 deployment.id, parameters={"params": {"waves": list(waves), "time_scale": scale}}
             )
@@ -534,15 +534,25 @@ def _final(client: Any, flow_run_id: Any, timeout: float) -> str:
     return f"flow run did not end within {timeout:.0f} s"
 
 
-def _deployment(client: Any, name: str, serving: subprocess.Popen[bytes]) -> Any:
+def _deployment(client: Any, name: str, serving: subprocess.Popen[bytes], waves: Sequence[str]) -> Any:
+    """The deployment as this serve process declared it: on a server shared with other tests, one of the
+    same name may be there already, with another inventory's waves in its parameters."""
     deadline = time.monotonic() + 180
+    seen = None
     while time.monotonic() < deadline:
         if serving.poll() is not None:
             raise RuntimeError(f"restore up ended (status {serving.returncode}) before serving {name}")
         try:
-            return client.read_deployment_by_name(name)
+            found = client.read_deployment_by_name(name)
         except Exception:
-            time.sleep(0.5)
+            found = None
+        if found is not None:
+            seen = json.dumps(found.parameter_openapi_schema)
+            if all(f'"{wave}"' in seen for wave in waves):
+                return found
+        time.sleep(0.5)
+    if seen is not None:
+        raise RuntimeError(f"{name} never offered the waves {list(waves)}: {seen[:2000]}")
     raise RuntimeError(f"restore up did not serve {name} within 180 s")
 
 
