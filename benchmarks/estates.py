@@ -2,7 +2,8 @@
 
 ``copies(estate, factor)`` is a group ``factor`` times the sample: each copy has its own sites, pools
 and hosts (its own technicians, imaging servers and backup platform), as ten hospital groups would;
-hosts depend on hosts of their own copy only. ``pooled(estate, factor)`` is one group with ``factor``
+hosts depend on hosts of their own copy only, and each copy has its own procedure steps (its own forest
+to recover). ``pooled(estate, factor)`` is one group with ``factor``
 times the hosts and ``factor`` times every pool's capacity, all shared: a stress case where the copies
 compete for the same slots.
 """
@@ -13,6 +14,8 @@ from dataclasses import replace
 
 from restore_flows.inventory.estate import Estate, Host
 from restore_flows.inventory.models import Pool, Site
+from restore_flows.inventory.procedures import Need, ProcedureStep, ShellAction, StepWait
+from restore_flows.planning import plan
 
 
 def _suffix(copy: int) -> str:
@@ -34,10 +37,39 @@ def _copy_host(host: Host, suffix: str, rename_pools: bool, rename_site: bool) -
     )
 
 
+def _copy_steps(estate: Estate, suffix: str) -> dict[str, ProcedureStep]:
+    """The procedure steps of one copy: their own names, hosts and needs. A wave's gate becomes a gate
+    on that copy's hosts of the wave (planning would otherwise give it every copy's)."""
+    members = {wave.name: wave.hosts for wave in plan(estate).waves}
+    steps: dict[str, ProcedureStep] = {}
+    for step in estate.procedures.values():
+        action = step.action
+        if isinstance(action, ShellAction):
+            action = replace(action, hosts=tuple(h + suffix for h in action.hosts))
+        gates = tuple(
+            replace(
+                gate,
+                hosts=tuple(h + suffix for h in (members[gate.wave] if gate.wave else gate.hosts)),
+                wave=None,
+            )
+            for gate in step.gates
+        )
+        steps[step.name + suffix] = replace(
+            step,
+            name=step.name + suffix,
+            action=action,
+            needs=tuple(Need(n.name + suffix, n.stage) for n in step.needs),
+            waits=tuple(StepWait(w.step + suffix, w.minutes, w.reason) for w in step.waits),
+            gates=gates,
+        )
+    return steps
+
+
 def copies(estate: Estate, factor: int) -> Estate:
     hosts: dict[str, Host] = {}
     sites: dict[str, Site] = {}
     pools: dict[str, Pool] = {}
+    steps: dict[str, ProcedureStep] = {}
     for copy in range(factor):
         suffix = _suffix(copy)
         for name, site in estate.sites.items():
@@ -46,17 +78,20 @@ def copies(estate: Estate, factor: int) -> Estate:
             pools[name + suffix] = pool.model_copy(update={"name": name + suffix})
         for host in estate.hosts.values():
             hosts[host.name + suffix] = _copy_host(host, suffix, rename_pools=True, rename_site=True)
-    return replace(estate, sites=sites, pools=pools, hosts=hosts)
+        steps.update(_copy_steps(estate, suffix))
+    return replace(estate, sites=sites, pools=pools, hosts=hosts, procedures=steps)
 
 
 def pooled(estate: Estate, factor: int) -> Estate:
     hosts: dict[str, Host] = {}
+    steps: dict[str, ProcedureStep] = {}
     for copy in range(factor):
         suffix = _suffix(copy)
         for host in estate.hosts.values():
             hosts[host.name + suffix] = _copy_host(host, suffix, rename_pools=False, rename_site=False)
+        steps.update(_copy_steps(estate, suffix))
     pools = {
         name: pool.model_copy(update={"capacity": pool.capacity * factor})
         for name, pool in estate.pools.items()
     }
-    return replace(estate, pools=pools, hosts=hosts)
+    return replace(estate, pools=pools, hosts=hosts, procedures=steps)

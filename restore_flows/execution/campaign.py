@@ -391,6 +391,15 @@ class Campaign:
         self.step_progress: dict[str, StepProgress] = {}
         self._lock = threading.Lock()
 
+    def _origin(self) -> float:
+        """Minute 0 of this run on a clock every run of the ledger shares (from its first run, in
+        planned minutes: a rehearsal's time scale applied), so that the pool claims of runs started
+        at different times compare."""
+        first = self.ledger.first_run_at()
+        if first is None or self.settings.pace <= 0:
+            return 0.0
+        return (dt.datetime.now(dt.UTC) - first).total_seconds() / 60.0 / self.settings.pace
+
     def run(self) -> RunSummary:
         started = time.monotonic()
         estate = self.plan.estate
@@ -416,7 +425,15 @@ class Campaign:
         reached, unreachable = milestone_facts(self.plan, jobs, states)
         online |= reached
         capacities = {name: pool.capacity for name, pool in estate.pools.items()}
-        priorities = Priorities(self.plan, all_jobs, self.settings.priority)
+        priorities = Priorities(
+            self.plan,
+            all_jobs,
+            self.settings.priority,
+            capacities=capacities,
+            online=online,
+            done_at=done_at,
+            origin=self._origin(),
+        )
         to_approve = self._waves_to_approve(jobs, online)
         scheduler = Scheduler(
             jobs,

@@ -293,6 +293,13 @@ class Ledger:
         with self._reader.connect() as db:
             return [self._run_record(row, now) for row in db.execute(query)]
 
+    @retried
+    def first_run_at(self) -> dt.datetime | None:
+        """When the ledger's first run started: a zero every run of this ledger shares."""
+        with self._reader.connect() as db:
+            first: dt.datetime | None = db.execute(select(func.min(RUNS.c.started_at))).scalar()
+        return first.replace(tzinfo=dt.UTC) if first is not None and first.tzinfo is None else first
+
     def _run_record(self, row: Any, now: dt.datetime) -> RunRecord:
         heard = row.heartbeat_at or row.started_at
         alive = row.ended_at is None and heard > now - dt.timedelta(seconds=self.stale_seconds)

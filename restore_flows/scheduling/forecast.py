@@ -241,7 +241,14 @@ def forecast(
     wave_index = {wave.name: index for index, wave in enumerate(the_plan.waves)}
     scheduler = Scheduler(
         jobs,
-        Priorities(the_plan, all_jobs, options.priority or usual_priority),
+        Priorities(
+            the_plan,
+            all_jobs,
+            options.priority or usual_priority,
+            capacities=capacities,
+            online=online,
+            done_at=done_at,
+        ),
         capacities,
         online=online,
         approved=None if approved is None else {wave_index[w] for w in approved if w in wave_index},

@@ -15,7 +15,7 @@ A host's next stage starts when, in this order:
 5. for a procedure step that needs one: its named approval, asked for only now that it is due;
 6. its retry back-off, if any, has passed;
 7. with ``max_hosts``, the host is one of the hosts in flight (a host counts from its first stage to
-   its last, as the restore did before: for comparison);
+   its last, as the restore did before: for comparison; a procedure step is not one);
 8. each pool it needs has a free slot, and no better stage is waiting for that slot.
 
 Procedure steps are jobs like hosts (see :mod:`restore_flows.scheduling.work`); a milestone
@@ -445,8 +445,8 @@ class Scheduler:
 
         A better stage counts when its gates are all hosts running their last stages and it is due
         within half of ``minutes``: then idling until it comes costs less than the wait it would
-        have behind this stage. For hosts needed by the same wave, "better" must also mean a chain
-        of work behind it longer than this stage: a small lead is not worth an idle slot.
+        have behind this stage. For hosts needed by the same wave, "better" must also mean a latest
+        start earlier by more than this stage lasts: a small lead is not worth an idle slot.
         """
         count = 0
         horizon = now + minutes / 2
@@ -454,7 +454,7 @@ class Scheduler:
             other = self.priorities.key(name, self.pos[name])
             if other >= key:
                 continue
-            if other[0] == key[0] and key[1] - other[1] < minutes:
+            if other[1] == key[1] and key[0] - other[0] < minutes:
                 continue
             due = 0.0
             for dependency in self._current_gates(name):
@@ -596,7 +596,9 @@ class Scheduler:
             heapq.heappush(self._timers, (not_before, next(self._seq), name))
             return
         self._not_before.pop(name, None)
-        if self.policy.max_hosts is not None and name not in self._admitted:
+        # A procedure step is not a host: it takes none of the places in flight (the restore that
+        # capped hosts had no steps; counting them would let DCs waiting for a step hold every place).
+        if self.policy.max_hosts is not None and name not in self._admitted and not job.is_step:
             if self._in_flight >= self.policy.max_hosts:
                 heapq.heappush(self._cap_queue, (self.priorities.key(name, self.pos[name]), name))
                 return

@@ -44,7 +44,8 @@ def test_a_dependency_gates_only_the_stage_that_needs_it(plan_of: PlanOf) -> Non
     assert _names(scheduler.decide(35)) == [("ws-rad-01", "reimage")]
     assert scheduler.why("ws-icu-01") == "waiting for dc-icu to be online before verify"
     scheduler.finished("dc-icu")  # restored
-    assert _names(scheduler.decide(70)) == [("dc-icu", "verify"), ("dc-rad", "restore")]
+    # Both start (the verify needs no pool): the order they are listed in is not a decision.
+    assert sorted(_names(scheduler.decide(70))) == [("dc-icu", "verify"), ("dc-rad", "restore")]
     scheduler.finished("dc-icu")
     assert _names(scheduler.decide(80)) == [("dc-icu", "release")]
     scheduler.finished("dc-icu")
@@ -140,7 +141,14 @@ def test_a_retry_waits_for_its_back_off(plan_of: PlanOf) -> None:
 
 def test_a_slot_is_kept_for_a_better_stage_due_within_half_the_other(plan_of: PlanOf) -> None:
     # The ICU workstation's reimage waits for its DC; the radiology one could take the imaging slot.
+    # Radiology has slack (a long verify elsewhere in its wave makes it due late), so the ICU reimage
+    # is the better stage by its latest start.
     gated = ESTATE.replace("depends_on: [dc-icu]", "depends_on: [{host: dc-icu, before: reimage}]")
+    gated = gated.replace(
+        "hosts:\n",
+        "  - {name: rad-srv, kind: server, services: [radiology], durations: {verify: 300}}\n"
+        "hosts:\n  - {name: pacs-rad, role: rad-srv, site: arl}\n",
+    )
 
     def scheduled(now: float) -> list[tuple[str, str]]:
         scheduler = _scheduler(plan_of(gated))
@@ -155,3 +163,44 @@ def test_a_slot_is_kept_for_a_better_stage_due_within_half_the_other(plan_of: Pl
     assert ("ws-rad-01", "reimage") in scheduled(60)
     # At 70 it is 12 minutes away: the slot is kept, the radiology reimage waits.
     assert ("ws-rad-01", "reimage") not in scheduled(70)
+
+
+# The lab waits for one restore and has slack (a long verify elsewhere in its wave); radiology has a
+# long chain behind its restore (the RIS, then PACS). One backup slot.
+SLACK = """
+waves:
+  - {name: core, services: [identity]}
+  - {name: lab, services: [lab]}
+  - {name: radiology, services: [radiology]}
+sites:
+  - {name: arl, kind: hospital}
+pools:
+  - {name: backup, capacity: 1}
+roles:
+  - {name: lab-vm, kind: server, services: [lab], restore_method: backup, pools: {restore: [backup]}}
+  - {name: lab-analyser, kind: server, services: [lab], durations: {verify: 400}}
+  - {name: ris, kind: server, services: [radiology], restore_method: backup, pools: {restore: [backup]}}
+  - {name: pacs, kind: server, services: [radiology], depends_on: [ris-01], durations: {verify: 240}}
+hosts:
+  - {name: lab-01, role: lab-vm, site: arl}
+  - {name: analyser-01, role: lab-analyser, site: arl}
+  - {name: ris-01, role: ris, site: arl}
+  - {name: pacs-01, role: pacs, site: arl}
+"""
+
+
+def test_a_long_chain_of_a_later_wave_goes_before_a_short_job_of_a_wave_with_slack(
+    plan_of: PlanOf,
+) -> None:
+    def first_restore(priority: PriorityPolicy) -> list[tuple[str, str]]:
+        scheduler = _scheduler(plan_of(SLACK), priority=priority)
+        scheduler.decide(0)
+        for host in ("lab-01", "ris-01"):
+            scheduler.finished(host)  # wiped
+        return [s for s in _names(scheduler.decide(10)) if s[1] == "restore"]
+
+    # By latest start: the lab is due at its analyser's verify, hours away; radiology's restore has
+    # four hours of PACS behind it. The lab loses nothing by waiting an hour.
+    assert first_restore(PriorityPolicy.LOOKAHEAD) == [("ris-01", "restore")]
+    # The plan's order (waves one after the other) would have restored the lab's VM first.
+    assert first_restore(PriorityPolicy.PLAN) == [("lab-01", "restore")]
