@@ -54,6 +54,7 @@ from restore_flows.states import Event, HostState
 
 ROOT = Path(__file__).resolve().parents[1]
 RESTORE = [sys.executable, "-m", "restore_flows"]
+OPERATOR = ("--actor", "chaos harness", "--reason", "rehearsal: the simulated step did not finish")
 RUNS = cast(Table, RunRow.__table__)
 LOG = cast(Table, TransitionRow.__table__)
 
@@ -64,9 +65,11 @@ class Series:
     seed: int | None = None
     kills: int = 0
     recovered: int = 0
-    """Re-runs that recorded progress in the ledger within their limit."""
+    """Re-runs that recorded progress in the ledger within their limit (or, when all that was left
+    waited for an operator's decision, ended saying so)."""
     progress_seconds: list[float] = field(default_factory=list)
-    """Per re-run: seconds from its start to the first transition it recorded."""
+    """Per re-run: seconds from its start to the first transition it recorded (or to its end, when
+    it could only ask for a decision)."""
     audit: Audit | None = None
     online: int = 0
     hosts: int = 0
@@ -80,6 +83,10 @@ class Series:
     """Ledger transactions run again, by the database error's class (PostgreSQL and contention series)."""
     database_failures: list[str] = field(default_factory=list)
     """Hosts that failed with a database error as their reason."""
+    decisions: list[str] = field(default_factory=list)
+    """Operator decisions the product asked for and the harness gave, as a person would: a step that
+    is not repeatable (a credential reset) interrupted while it ran may have run, and only a person
+    may say to run it again ('restore decide rearm'); the run says so and waits for nothing else."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -116,6 +123,11 @@ class Series:
             lines.append(
                 f"stages left running by a killed run and taken over: {self.taken_over}; "
                 f"killed runs found dead: {dict(Counter(self.killed_runs.values()))}"
+            )
+            steps = dict(Counter(self.decisions))
+            lines.append(
+                f"operator decisions asked for (a non-repeatable step interrupted while it ran), "
+                f"given by the harness: {len(self.decisions)}" + (f" {steps}" if steps else "")
             )
         if self.retries or self.database_failures:
             lines.append(
@@ -170,6 +182,9 @@ class Probe:
     def online(self, hosts: Sequence[str]) -> int:
         wanted = set(hosts)
         return sum(1 for r in self._rows("SELECT name FROM hosts WHERE state = 'online'") if r[0] in wanted)
+
+    def interrupted_steps(self) -> list[str]:
+        return [r[0] for r in self._rows("SELECT name FROM procedure_steps WHERE state = 'interrupted'")]
 
     def open_runs(self) -> set[str]:
         return {r[0] for r in self._rows("SELECT id FROM runs WHERE ended_at IS NULL")}
@@ -345,8 +360,27 @@ def cli_kills(
     base += ["--time-scale", str(scale)]
     log = scratch / "cli.log"
     rounds = kills_before_round = 0
+
+    def rearm(steps: list[str]) -> bool:
+        """The run did what it could and ended on steps only a person may re-arm: answer as the
+        rehearsal's operator would (the simulated step did not finish), so the same command goes on."""
+        for step in steps:
+            with open(log, "ab") as said:
+                subprocess.run(
+                    [*RESTORE, "decide", "rearm", step, "-i", str(inventory), *OPERATOR],
+                    env={**run_env, "RESTORE_DATABASE_URL": url},
+                    stdout=said,
+                    stderr=said,
+                    cwd=scratch,
+                    check=True,
+                    timeout=120,
+                )
+            series.decisions.append(step)
+        return bool(steps)
+
     with _stopped_server_after(data / "prefect"), open(log, "ab") as out:
         fresh = True
+        awaiting = False  # a kill whose re-run is still to be judged
         while True:
             if fresh and rounds:  # empty the last round's ledger first: progress is then any transition
                 subprocess.run(
@@ -361,9 +395,18 @@ def cli_kills(
             before = probe.last_transition()
             runs_before = probe.open_runs()
             command = base if fresh else [*base, "--keep"]
+            launched = time.monotonic()
             process = subprocess.Popen(command, env=run_env, stdout=out, stderr=out, cwd=scratch)
             progress = wait_progress(probe, before, start_timeout if fresh else rerun_timeout, process)
-            if not fresh:
+            if process.poll() not in (None, 0) and rearm(probe.interrupted_steps()):
+                if awaiting and progress is None:
+                    # All that was left waits for the person: saying so is this re-run's answer.
+                    awaiting = False
+                    series.recovered += 1
+                    series.progress_seconds.append(time.monotonic() - launched)
+                continue  # the same rehearsal goes on: not a new kill, not a new round
+            if awaiting:
+                awaiting = False
                 if progress is None and probe.online(hosts) == len(hosts):
                     # The killed run had just brought the last host back: the re-run finds nothing
                     # left, records nothing, and must end well.
@@ -376,6 +419,8 @@ def cli_kills(
                 else:
                     series.progress_seconds.append(progress)
                     series.recovered += 1
+                    if progress > 10:
+                        series.notes.append(f"re-run after kill {series.kills}: progress in {progress:.1f} s")
             if series.kills < kills and process.poll() is None:
                 time.sleep(rng.uniform(*window))
                 if process.poll() is None:
@@ -385,6 +430,7 @@ def cli_kills(
                     series.kills += 1
                     series.killed_runs.update(dict.fromkeys(victim))
                     fresh = False
+                    awaiting = True
                     continue
             try:
                 code = process.wait(timeout=finish_timeout)
@@ -392,6 +438,9 @@ def cli_kills(
                 process.kill()
                 code = process.wait()
                 series.notes.append(f"a run did not end within {finish_timeout:.0f} s")
+            if code != 0 and rearm(probe.interrupted_steps()):
+                fresh = False
+                continue
             if code != 0:
                 series.notes.append(f"a run ended with status {code} (see {log.name})")
             rounds += 1
