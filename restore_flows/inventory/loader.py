@@ -45,7 +45,7 @@ from restore_flows.inventory.models import (
     Stage,
     Wave,
 )
-from restore_flows.inventory.procedures import WrittenStep, resolve_steps
+from restore_flows.inventory.procedures import WrittenStep, check_planned_cycles, resolve_steps
 from restore_flows.inventory.ranges import RangeError, expand, expanded, name_problem, size
 from restore_flows.inventory.schemacheck import (
     Loc,
@@ -62,6 +62,7 @@ from restore_flows.inventory.yamlsource import (
     parse_yaml,
     paused_gc,
 )
+from restore_flows.planning import plan
 from restore_flows.settings import DEFAULT_MAX_HOSTS
 
 SITE_PLACEHOLDER = "{site}"
@@ -497,7 +498,19 @@ class _Loader:
             # With hosts missing, unknown-host errors here would only repeat the first mistake.
             steps = resolve_steps(self.procedures, estate, self.error, self.warn)
             estate = replace(estate, procedures=steps)
+            failed = any(d.severity is Severity.ERROR for d in self.diagnostics)
+            if any(g.wave for step in steps.values() for g in step.gates) and not failed:
+                self._check_wave_gates(estate)
         return estate
+
+    def _check_wave_gates(self, estate: Estate) -> None:
+        """A wave's gate holds the hosts the plan puts in that wave (pulled forward ones too): only the
+        plan can show that a step needs one of them before the stage the gate holds."""
+        try:
+            planned = plan(estate)
+        except ValueError:
+            return  # a cycle the plan meets first: the checks above report it
+        check_planned_cycles(planned.estate, self.procedures, self.error)
 
     def _check_waves(self) -> list[_Item[Wave]]:
         waves = list(self._unique("wave", self.waves).values())

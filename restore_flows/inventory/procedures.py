@@ -387,8 +387,22 @@ def _gate(
     return StepGate("hosts " + ", ".join(spec.hosts), tuple(dict.fromkeys(names)), before)
 
 
+def check_planned_cycles(
+    planned: Estate, written: Sequence[WrittenStep], error: Report, *, only: str = "through a wave's gate"
+) -> None:
+    """The cycle check again once the plan has filled in each wave gate's hosts: a step that needs a
+    host of a wave it gates (before that host's stage it needs) can never start, and only the plan
+    says which hosts a wave holds. ``only``: said of the cycles found (the others were reported)."""
+    by_name = {item.model.name: item for item in written}
+    _check_cycles(planned.procedures, planned, by_name, error, f" ({only})")
+
+
 def _check_cycles(
-    steps: Mapping[str, ProcedureStep], estate: Estate, written: Mapping[str, WrittenStep], error: Report
+    steps: Mapping[str, ProcedureStep],
+    estate: Estate,
+    written: Mapping[str, WrittenStep],
+    error: Report,
+    said: str = "",
 ) -> None:
     """A step that needs, through hosts and stages, something it gates can never start."""
     edges: dict[str, list[str]] = {}
@@ -422,4 +436,4 @@ def _check_cycles(
         first = next((n for n in cycle if n in written), None)
         if first is None:
             continue  # between hosts only: the host checks report it
-        error(*written[first].where("needs"), "cycle between steps and hosts: " + " -> ".join(cycle))
+        error(*written[first].where("needs"), "cycle between steps and hosts: " + " -> ".join(cycle) + said)
