@@ -346,11 +346,26 @@ view.raise_for_status()
 print("worker types:", ", ".join(sorted(view.json().get("prefect", {}))))
 # A flow run as ops start it from the UI (served, so in a process of its own): the next wave, which
 # the core wave's rehearsal left to do.
-run = httpx.post(
-    base + f"/api/deployments/{wave['id']}/create_flow_run",
-    json={"parameters": {"params": {"wave": "icu"}}},
-    timeout=30,
-).json()
+# A busy server (SQLite, a run recording its task runs) may answer 503 or late: ask again, as the UI
+# would; any other refusal is shown as it is.
+made = None
+for _ in range(20):
+    try:
+        made = httpx.post(
+            base + f"/api/deployments/{wave['id']}/create_flow_run",
+            json={"parameters": {"params": {"wave": "icu"}}},
+            timeout=30,
+        )
+    except httpx.TimeoutException:
+        continue
+    if made.status_code < 500:
+        break
+    time.sleep(1)
+if made is None:
+    sys.exit("creating the served run: the server never answered")
+if made.status_code >= 300:
+    sys.exit(f"creating the served run: HTTP {made.status_code}: {made.text[:2000]}")
+run = made.json()
 deadline = time.monotonic() + 400
 state = {"type": "NOT READ", "message": "the server never answered"}
 while time.monotonic() < deadline:
