@@ -230,6 +230,9 @@ class _Loader:
 
     # -- reporting ---------------------------------------------------------------------------------
 
+    def _failed(self) -> bool:
+        return any(d.severity is Severity.ERROR for d in self.diagnostics)
+
     def error(self, file: str, line: int, path: str, message: str) -> None:
         self._add(Diagnostic(file, line, path, message))
 
@@ -266,7 +269,7 @@ class _Loader:
         if self.unreadable:
             self.diagnostics = [d for d in self.diagnostics if d.sort_key() not in self._follow_ons]
         self.diagnostics.sort(key=Diagnostic.sort_key)
-        has_errors = any(d.severity is Severity.ERROR for d in self.diagnostics)
+        has_errors = self._failed()
         return LoadResult(None if has_errors else estate, self.diagnostics, self.files)
 
     def _read_file(self, path: Path) -> None:
@@ -487,8 +490,7 @@ class _Loader:
             pools={n: i.model for n, i in pools.items()},
             hosts=hosts,
         )
-        nothing_failed = not any(d.severity is Severity.ERROR for d in self.diagnostics)
-        if not hosts and not self.entries and self.files and nothing_failed:
+        if not hosts and not self.entries and self.files and not self._failed():
             self.error(self.files[0], 1, "hosts", "empty inventory: no hosts are defined in any file")
         self._check_dependencies(estate)
         self._check_one_machine_one_host(estate)
@@ -498,8 +500,7 @@ class _Loader:
             # With hosts missing, unknown-host errors here would only repeat the first mistake.
             steps = resolve_steps(self.procedures, estate, self.error, self.warn)
             estate = replace(estate, procedures=steps)
-            failed = any(d.severity is Severity.ERROR for d in self.diagnostics)
-            if any(g.wave for step in steps.values() for g in step.gates) and not failed:
+            if any(g.wave for step in steps.values() for g in step.gates) and not self._failed():
                 self._check_wave_gates(estate)
         return estate
 

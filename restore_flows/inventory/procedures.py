@@ -387,14 +387,12 @@ def _gate(
     return StepGate("hosts " + ", ".join(spec.hosts), tuple(dict.fromkeys(names)), before)
 
 
-def check_planned_cycles(
-    planned: Estate, written: Sequence[WrittenStep], error: Report, *, only: str = "through a wave's gate"
-) -> None:
+def check_planned_cycles(planned: Estate, written: Sequence[WrittenStep], error: Report) -> None:
     """The cycle check again once the plan has filled in each wave gate's hosts: a step that needs a
     host of a wave it gates (before that host's stage it needs) can never start, and only the plan
-    says which hosts a wave holds. ``only``: said of the cycles found (the others were reported)."""
+    says which hosts a wave holds. Run on an estate with no other cycle: any found is through a gate."""
     by_name = {item.model.name: item for item in written}
-    _check_cycles(planned.procedures, planned, by_name, error, f" ({only})")
+    _check_cycles(planned.procedures, planned, by_name, error, " (through a wave's gate)")
 
 
 def _check_cycles(
