@@ -1,20 +1,20 @@
 """The site mode at scale: plan and forecast of an estate 10x the sample, and a zero-duration rehearsal
-through Prefect with each stage a flow run on its site's worker, against today's single process.
+through Prefect with a flow run per site, against today's single process.
 
 1. A generated estate 10x the sample (17,000 hosts, regrouped into 60 sites): plan (< 3 s target) and
    forecast of the campaign (< 10 s target).
 2. A zero-duration rehearsal of an estate of SITES x HOSTS workstations (no dependencies between
-   them), through one real Prefect server on PostgreSQL with the ledger on PostgreSQL:
-   (a) today: the restore-estate flow in one process, each stage a task run of that one flow run;
-   (b) the site mode: one ``restore worker`` per site, each stage a flow run of restore-stage on its
-       site's queue, scheduled by one campaign.
-   Wall time, stages per second, and the largest flow run's node count (the UI draws up to 10,000).
+   them; 60 x 284 = 17,040 by default), through one real Prefect server on PostgreSQL with the
+   ledger on PostgreSQL:
+   (a) today's one process: the restore-estate flow here, each stage a task run of its one flow run;
+   (b) the site mode: ``restore worker`` processes (each for SITES_PER_WORKER sites), one session
+       flow run per site on its worker, each stage a task run of its site's session, scheduled by one
+       campaign here.
+   Wall time, stages (task runs) per second, and the largest flow run's node count (the UI draws up
+   to 10,000).
 
-The site mode pays a process per stage on its worker (Prefect's process worker): a few seconds each
-on this machine, far more than a task run. The full 17,000 hosts (about 70,000 stages) through (b)
-would take hours on 2 cores, so (2) runs a scaled-down estate by default and says so.
-
-    .venv/bin/python benchmarks/sites.py [--sites 3] [--hosts 4] [--skip-rehearsal]
+    .venv/bin/python benchmarks/sites.py [--sites 60] [--hosts 284] [--sites-per-worker 10]
+        [--skip-one-flow] [--skip-rehearsal]
 """
 
 from __future__ import annotations
@@ -131,21 +131,22 @@ def _drop(*names: str) -> None:
     admin.dispose()
 
 
-def _nodes(api_url: str, flow_run_ids: list[str]) -> int:
-    """Task runs of the largest of these flow runs, once the server has recorded them all."""
-    largest = 0
-    with httpx.Client(base_url=api_url, timeout=30) as http:
-        for flow_run in flow_run_ids:
-            query = {"flow_runs": {"id": {"any_": [flow_run]}}}
-            counted, deadline = -1, time.monotonic() + 120
-            while time.monotonic() < deadline:
-                now = int(http.post("/task_runs/count", json=query).json())
-                if now == counted:
-                    break
-                counted = now
-                time.sleep(2)
-            largest = max(largest, counted)
-    return largest
+def _largest(api_url: str, flow_run_ids: list[str]) -> int:
+    """Task runs of the largest of these flow runs, once the server has recorded them all (it records
+    them from events, a moment after the flow run ends)."""
+    with httpx.Client(base_url=api_url, timeout=60) as http:
+        counts: dict[str, int] = {}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            now = {
+                run: int(http.post("/task_runs/count", json={"flow_runs": {"id": {"any_": [run]}}}).json())
+                for run in flow_run_ids
+            }
+            if now == counts:
+                break
+            counts = now
+            time.sleep(3)
+    return max(counts.values(), default=0)
 
 
 def one_flow(stages: int, api_url: str) -> float:
@@ -156,7 +157,7 @@ def one_flow(stages: int, api_url: str) -> float:
     state = restore_estate(EstateParameters(), return_state=True)
     elapsed = time.perf_counter() - started
     assert state.is_completed(), state.message
-    nodes = _nodes(api_url, [str(state.state_details.flow_run_id)])
+    nodes = _largest(api_url, [str(state.state_details.flow_run_id)])
     print(
         f"(2a) one flow, a task run per stage: {stages} stages in {elapsed:.1f} s = "
         f"{stages / elapsed:.1f} stages/s; its flow run: {nodes} task runs",
@@ -165,8 +166,11 @@ def one_flow(stages: int, api_url: str) -> float:
     return elapsed
 
 
-def start_workers(names: list[str], env: dict[str, str], logs: Path) -> list[subprocess.Popen[bytes]]:
-    """A ``restore worker`` per site, returned once each has sent a heartbeat."""
+def start_workers(
+    names: list[str], env: dict[str, str], logs: Path, per_worker: int
+) -> list[subprocess.Popen[bytes]]:
+    """``restore worker`` processes, each for ``per_worker`` sites, returned once every site's worker
+    has sent a heartbeat."""
     from prefect.client.orchestration import get_client
 
     from restore_flows.flows.sites import POOL, prepare_sites, sites_of_worker
@@ -176,11 +180,12 @@ def start_workers(names: list[str], env: dict[str, str], logs: Path) -> list[sub
     logs.mkdir()
     began = time.time()
     workers = []
-    for site in names:
-        with open(logs / f"{site}.log", "ab") as log:
+    for at in range(0, len(names), per_worker):
+        sites = names[at : at + per_worker]
+        with open(logs / f"{sites[0]}.log", "ab") as log:
             workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "restore_flows", "worker", site, "--limit", "4"],
+                    [sys.executable, "-m", "restore_flows", "worker", *sites, "--limit", str(len(sites) + 2)],
                     cwd=ROOT,
                     env=env,
                     stdout=log,
@@ -204,16 +209,15 @@ def start_workers(names: list[str], env: dict[str, str], logs: Path) -> list[sub
 
 
 def per_site(the_plan: Plan, names: list[str], ledger_url: str, api_url: str) -> float:
-    """(b) the site mode: one campaign here, each stage a flow run on its site's worker."""
-    from prefect.client.orchestration import get_client
-
+    """(b) the site mode: one campaign here, each stage a task run of its site's session flow run."""
     from restore_flows.flows.sites import SiteExecutor
 
     engine = make_engine(ledger_url)
     upgrade(engine)
     ledger = Ledger(engine)
     ledger.sync_inventory(the_plan.estate, the_plan)
-    executor = SiteExecutor(ledger, ledger_url, rehearsal=True, silent_seconds=60).open(names)
+    executor = SiteExecutor(ledger, ledger_url, rehearsal=True, silent_seconds=60, poll_seconds=0.25)
+    executor.open(names)
     started = time.perf_counter()
     _, summary = run_campaign(
         ledger,
@@ -229,20 +233,18 @@ def per_site(the_plan: Plan, names: list[str], ledger_url: str, api_url: str) ->
     elapsed = time.perf_counter() - started
     engine.dispose()
     assert summary.ok, [(p.host, p.error, p.reason) for p in summary.hosts.values()][:3]
-    with get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs(limit=50)
-    stage_runs = [str(r.id) for r in flow_runs if r.name.split(" ")[0] in {"wipe", "reimage", "verify"}]
-    nodes = _nodes(api_url, stage_runs[:3])
+    sessions = [str(s) for s in executor.sessions]
+    nodes = _largest(api_url, sessions)
     print(
-        f"(2b) a worker per site, a flow run per stage: {executor.submitted} stage flow runs in "
-        f"{elapsed:.1f} s = {executor.submitted / elapsed:.2f} stages/s; largest flow run: {nodes} task "
-        "runs (each stage flow run is one node; the campaign's own flow has none)",
+        f"(2b) a worker per site, a session flow run per site: {executor.submitted} stages in "
+        f"{elapsed:.1f} s = {executor.submitted / elapsed:.1f} stages/s; {len(sessions)} session flow "
+        f"runs, the largest {nodes} task runs",
         flush=True,
     )
     return elapsed
 
 
-def rehearsal(sites: int, hosts: int, scratch: Path) -> None:
+def rehearsal(sites: int, hosts: int, per_worker: int, scratch: Path, skip_one_flow: bool) -> None:
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 
     inventory = scratch / "inventory"
@@ -267,15 +269,18 @@ def rehearsal(sites: int, hosts: int, scratch: Path) -> None:
             updates = {PREFECT_API_URL: server.api_url, PREFECT_SERVER_EPHEMERAL_ENABLED: False}
             with temporary_settings(updates=updates):
                 print(f"(2) {sites} sites x {hosts} workstations, zero-duration stages:", flush=True)
-                a = one_flow(4 * len(the_plan.hosts), server.api_url)
+                a = None if skip_one_flow else one_flow(4 * len(the_plan.hosts), server.api_url)
                 env = {
                     **os.environ,
                     "RESTORE_REHEARSAL_DATABASE_URL": ledger_b,
                     "RESTORE_WORKER_POLL_SECONDS": "1",
+                    # 60 sessions share PostgreSQL's 100 connections with the scheduler and the server.
+                    "RESTORE_SITE_SESSION_POOL": "1",
                 }
-                workers = start_workers(names, env, scratch / "workers")
+                workers = start_workers(names, env, scratch / "workers", per_worker)
                 b = per_site(the_plan, names, ledger_b, server.api_url)
-                print(f"ratio (2b)/(2a): {b / a:.1f}x the wall time of one flow", flush=True)
+                if a is not None:
+                    print(f"ratio (2b)/(2a): {b / a:.2f}x the wall time of one flow", flush=True)
                 for process in workers:
                     stop_process_group(process, signal.SIGTERM, 20)
                 workers = []
@@ -288,15 +293,17 @@ def rehearsal(sites: int, hosts: int, scratch: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--inventory", type=Path, default=ROOT / "inventory")
-    parser.add_argument("--sites", type=int, default=3, help="sites of the rehearsal (one worker each)")
-    parser.add_argument("--hosts", type=int, default=4, help="workstations per site in the rehearsal")
+    parser.add_argument("--sites", type=int, default=60, help="sites of the rehearsal (a session each)")
+    parser.add_argument("--hosts", type=int, default=284, help="workstations per site in the rehearsal")
+    parser.add_argument("--sites-per-worker", type=int, default=10, help="sites each worker process polls")
     parser.add_argument("--skip-rehearsal", action="store_true", help="plan and forecast only")
+    parser.add_argument("--skip-one-flow", action="store_true", help="the site mode only, not (2a)")
     args = parser.parse_args()
     scale(args.inventory)
     if args.skip_rehearsal:
         return
     with tempfile.TemporaryDirectory(prefix="restore-sites-bench-") as scratch:
-        rehearsal(args.sites, args.hosts, Path(scratch))
+        rehearsal(args.sites, args.hosts, args.sites_per_worker, Path(scratch), args.skip_one_flow)
 
 
 if __name__ == "__main__":

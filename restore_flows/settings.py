@@ -141,6 +141,21 @@ class Settings(BaseSettings):
             "stage its worker was running is run again once one is back. Well above the poll."
         ),
     )
+    site_session_threads: int = Field(
+        default=16,
+        ge=1,
+        le=512,
+        description="Stages a site's session runs at once (each waits on its BMC or SSH, not on the CPU).",
+    )
+    site_session_pool: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description=(
+            "Ledger connections of a site's session, its stages sharing them: every site's session "
+            "holds some of PostgreSQL's connections, 100 by default for all of them."
+        ),
+    )
 
     def ledger_url(self, rehearsal: bool = False) -> str:
         if rehearsal:

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,10 +174,14 @@ class Probe:
         except (sqlite3.Error, DBAPIError):
             return []
 
-    def last_transition(self) -> int:
-        """The last transition that is progress: enrolling the inventory's hosts is not."""
-        rows = self._rows("SELECT max(id) FROM transitions WHERE event <> 'enroll'")
-        return int(rows[0][0] or 0) if rows else 0
+    def last_progress(self) -> tuple[int, int]:
+        """The last records that are progress: a host's transition (enrolling the inventory's hosts is
+        not) and a procedure step's (a re-run marking a dead run's step ``interrupted`` is its answer
+        when that step is all that is left: only a person may say whether it ran)."""
+        rows = self._rows(
+            "SELECT (SELECT max(id) FROM transitions WHERE event <> 'enroll'), (SELECT max(id) FROM step_log)"
+        )
+        return (int(rows[0][0] or 0), int(rows[0][1] or 0)) if rows else (0, 0)
 
     def online(self, hosts: Sequence[str]) -> int:
         wanted = set(hosts)
@@ -203,16 +207,33 @@ def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
         return -signal.SIGKILL
 
 
+ASKED = b"restore decide rearm|done_by_hand"
+"""What a run says when all it can do is ask an operator about a step that may have run."""
+
+
+def asked_since(log: Path, offset: int) -> bool:
+    """The log says, past ``offset``, that the run asks an operator to decide on a step."""
+    with open(log, "rb") as said:
+        said.seek(offset)
+        return ASKED in said.read()
+
+
 def wait_progress(
-    probe: Probe, after: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+    probe: Probe,
+    after: tuple[int, int],
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    asked: Callable[[], bool] = lambda: False,
 ) -> float | None:
-    """Seconds until the ledger records a transition past ``after``; None if not within ``timeout``
-    (or the process ended first)."""
+    """Seconds until the ledger records progress past ``after`` (``Probe.last_progress``), or the run
+    asks an operator (``asked``: when a step only a person may re-arm is all that is left, that is
+    its answer); None if not within ``timeout`` (or the process ended first, having done neither)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        if probe.last_transition() > after:
+        ended = process is not None and process.poll() is not None
+        if any(now > then for now, then in zip(probe.last_progress(), after, strict=True)) or asked():
             return time.monotonic() - started
-        if process is not None and process.poll() is not None:
+        if ended:
             return None
         time.sleep(0.05)
     return None
@@ -392,18 +413,27 @@ def cli_kills(
                     check=True,
                     timeout=120,
                 )
-            before = probe.last_transition()
+            before = probe.last_progress()
             runs_before = probe.open_runs()
             command = base if fresh else [*base, "--keep"]
-            launched = time.monotonic()
+            offset = log.stat().st_size
             process = subprocess.Popen(command, env=run_env, stdout=out, stderr=out, cwd=scratch)
-            progress = wait_progress(probe, before, start_timeout if fresh else rerun_timeout, process)
+            progress = wait_progress(
+                probe,
+                before,
+                start_timeout if fresh else rerun_timeout,
+                process,
+                lambda: asked_since(log, offset),  # noqa: B023 - called before the next launch
+            )
             if process.poll() not in (None, 0) and rearm(probe.interrupted_steps()):
-                if awaiting and progress is None:
-                    # All that was left waits for the person: saying so is this re-run's answer.
+                if awaiting:
+                    # All that was left waits for the person: asking is this re-run's progress.
                     awaiting = False
-                    series.recovered += 1
-                    series.progress_seconds.append(time.monotonic() - launched)
+                    if progress is None:
+                        series.notes.append(f"re-run after kill {series.kills}: no progress, a step left")
+                    else:
+                        series.recovered += 1
+                        series.progress_seconds.append(progress)
                 continue  # the same rehearsal goes on: not a new kill, not a new round
             if awaiting:
                 awaiting = False
@@ -544,7 +574,7 @@ def prefect_kills(
                 deployment.id, parameters={"params": {"waves": list(waves), "time_scale": scale}}
             )
             for attempt in range(kills + 1):
-                before = probe.last_transition()
+                before = probe.last_progress()
                 if attempt:
                     serving = serve()
                     client.set_flow_run_state(run.id, Scheduled(message="retried after a crash"), force=True)

@@ -513,6 +513,11 @@ class Campaign:
         for name, why in stuck_steps.items():
             if name in self.step_progress:
                 self._set(name, Status.FAILED, error=f"needs an operator: step {why}")
+                # Said at the start of every run that finds it so, not only the one that found it
+                # interrupted: the operator reading this run's log learns what to do at once.
+                log.warning(
+                    "step %s needs an operator: %s (restore decide rearm|done_by_hand %s)", name, why, name
+                )
         for name in done_steps & set(self.step_progress):
             self._set(name, Status.ONLINE)
         for name in scheduler.jobs:
@@ -539,8 +544,7 @@ class Campaign:
                 continue
             log.warning(
                 "step %s was running in a run that is gone: it may have run, so it is not run again "
-                "until an operator decides (restore decide rearm|done_by_hand %s)",
-                name,
+                "until an operator decides",
                 name,
             )
         records = ledger_steps.states()

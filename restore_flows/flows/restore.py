@@ -471,7 +471,7 @@ def _run(params: _Common, selection: Selection, scope: str, *, several: bool = F
 
 
 def _executor(params: _Common, context: Context, the_plan: Plan, hosts: Sequence[str]) -> Executor:
-    """This flow's task runs, or the hosts' site workers (each stage a flow run on its site's queue)."""
+    """This flow's task runs, or the hosts' site workers (each stage a task run of its site's session)."""
     if not params.site_workers:
         return PrefectExecutor()
     from restore_flows.flows.sites import FleetParameters, SiteExecutor
@@ -490,6 +490,7 @@ def _executor(params: _Common, context: Context, the_plan: Plan, hosts: Sequence
             tuple(params.broken_hosts),
         ),
         silent_seconds=settings.site_silent_seconds,
+        threads=settings.site_session_threads,
     )
     return executor.open({the_plan.estate.hosts[n].site for n in hosts})
 

@@ -2,27 +2,29 @@
 while one campaign (one scheduler, the ledger's pools and priorities) decides centrally.
 
 * The work pool ``restore-sites`` (process type) has one work queue per site. ``restore worker SITE``
-  starts the worker that polls it; each stage it picks up runs in a process of its own on that machine.
-* :class:`SiteExecutor` is the campaign's executor in this mode: each stage the scheduler starts becomes
-  a flow run of the ``restore-stage`` deployment on the host's site's queue. Its parameters say what to
-  do (host, stage, ledger run, mode, the pool claims granted) and hold no secret: the worker reads the
-  ledger's URL and any secret from its own settings.
-* ``restore-stage`` runs :class:`~restore_flows.execution.stages.StageRunner` against the shared ledger
-  under the campaign's run (its approvals, its lease, a fresh fencing token), records which worker ran
-  the stage (``attempts.executed_by``) and ends with the stage's result in its state message, which
-  the executor reads back and turns into the scheduler's outcome.
+  starts the worker that polls it.
+* For each campaign and site, :class:`SiteExecutor` (the campaign's executor in this mode) starts one
+  flow run of the ``restore-site`` deployment on the site's queue: the site's *session*. It lives as
+  long as the campaign, on the site's worker, in a process of its own.
+* Each stage the scheduler starts becomes an order in the ledger (``restore_flows.ledger.orders``:
+  host, stage, the pool claims granted; never a secret). The site's session takes its orders, runs
+  each as a task run of its flow run (:class:`~restore_flows.execution.stages.StageRunner` against
+  the shared ledger, under the campaign's run: its approvals, a fresh fencing token), records which
+  worker ran it (``attempts.executed_by``) and writes the result into the order, which the executor
+  reads back and turns into the scheduler's outcome.
+
+So a site's flow run holds that site's task runs only (the Prefect UI draws a run of up to 10,000),
+and a stage costs a task run, not a process. The session ends when the campaign's run has ended or
+is no longer heard from.
 
 A site whose worker has not been heard from (queue polled, heartbeat) for ``silent_seconds`` has no
 worker: its stages are not sent (each host waits, saying "site arl: no worker since 03:41"), nothing
-is held for them, and every other site goes on. A stage flow run its worker had taken when it went
-silent is marked Crashed (and so are those a worker finds left Running when it starts again: one
-worker per site) and started again once a worker is back: the ledger shows the host mid-stage, and
-the stage is resolved from the host's facts (done, or started again) under a new fencing token that
-refuses any late write of the lost one. A stage process watches its worker and ends within half a
+is held for them, and every other site goes on. Its session is marked Crashed (and so is one a worker
+finds left Running when it starts again: one worker per site) and its open orders are dropped; once a
+worker is back, a new session starts and the stages are sent again: the ledger shows a host mid-stage,
+and the stage is resolved from the host's facts (done, or started again) under a new fencing token
+that refuses any late write of the lost one. A session watches its worker and ends within half a
 second if the worker dies, so the stage that takes over does not run beside it.
-
-Each stage costs its worker a process (Prefect's process worker): seconds, against milliseconds for a
-task run in one flow. The site mode is for reaching each site's network, not for speed.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 from uuid import UUID
 
-from prefect import flow
+from prefect import flow, runtime, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
@@ -57,8 +60,10 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture, wait
 from prefect.states import Cancelled, Completed, Crashed, Failed
 from prefect.types.entrypoint import EntrypointType
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import make_url
 
@@ -67,6 +72,7 @@ from restore_flows.execution.campaign import StageOrder
 from restore_flows.execution.stages import StageResult, StageRunner
 from restore_flows.inventory.loader import load_estate
 from restore_flows.inventory.models import Stage
+from restore_flows.ledger.orders import OrderRecord
 from restore_flows.ledger.repository import Ledger
 from restore_flows.scheduling.clock import Outcome, Result
 from restore_flows.settings import Settings
@@ -75,28 +81,25 @@ from restore_flows.states import HostState
 log = logging.getLogger(__name__)
 
 POOL = "restore-sites"
-STAGE_FLOW = "restore-stage"
-STAGE_DEPLOYMENT = f"{STAGE_FLOW}/{STAGE_FLOW}"
+SESSION_FLOW = "restore-site"
+SESSION_DEPLOYMENT = f"{SESSION_FLOW}/{SESSION_FLOW}"
 SITES_ENV = "RESTORE_WORKER_SITES"
-"""Set by ``restore worker``: the sites whose queues the worker polls (a stage of another site is refused)."""
-RESULT_MARK = " | result="
+"""Set by ``restore worker``: the sites whose queues the worker polls (another site's session is refused)."""
 
 
 def shown_url(url: str) -> str:
-    """A database URL without its password: what a stage's parameters may carry."""
+    """A database URL without its password: what a session's parameters may carry."""
     return make_url(url).render_as_string(hide_password=True)
 
 
-class StageParameters(BaseModel):
-    """One stage of one host, as the scheduler sends it to the host's site. No secret in here."""
+class SessionParameters(BaseModel):
+    """A site's session of one campaign, as the scheduler starts it on the site's queue. No secret."""
 
-    host: str = Field(description="The host.")
-    stage: Stage = Field(description="The stage to run.")
-    site: str = Field(description="The host's site: the queue this was sent to.")
-    run_id: str = Field(description="The ledger run (the campaign) this stage belongs to.")
+    site: str = Field(description="The site: the queue this was sent to.")
+    run_id: str = Field(description="The ledger run (the campaign) whose orders this session runs.")
     rehearsal: bool = Field(default=True, description="Rehearsal: the simulated fleet and rehearsal ledger.")
     ledger: str = Field(description="The scheduler's ledger, password hidden: the worker's must be the same.")
-    claims: list[int] = Field(default_factory=list, description="Pool claims granted to the stage.")
+    threads: int = Field(default=16, ge=1, le=512, description="Stages run at once.")
     time_scale: float = Field(default=0.0, ge=0, description="Rehearsal: the simulated fleet's time scale.")
     fail_rate: float = Field(default=0.0, ge=0, le=1)
     duration_noise: float = Field(default=0.0, ge=0, le=0.9)
@@ -115,7 +118,7 @@ class FleetParameters:
     broken_hosts: tuple[str, ...] = ()
 
 
-# -- the stage, on a site's worker ------------------------------------------------------------------
+# -- the session, on a site's worker ----------------------------------------------------------------
 
 
 def worker_name() -> str:
@@ -124,9 +127,9 @@ def worker_name() -> str:
 
 
 def _watch_parent(every: float = 0.5) -> None:
-    """End this stage's process at once if its worker dies (a ``kill -9`` of the worker): the stage
-    the scheduler starts again elsewhere must never run beside this one. The ledger's fencing refuses
-    a late write anyway; this stops the work itself."""
+    """End this session's process at once if its worker dies (a ``kill -9`` of the worker): the stage
+    the scheduler starts again elsewhere must never run beside one of this session's. The ledger's
+    fencing refuses a late write anyway; this stops the work itself."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -153,19 +156,12 @@ def encode(result: StageResult) -> str:
     )
 
 
-def decode(message: str | None) -> StageResult | None:
-    """The stage's result from its flow run's final state message; None if it carries none."""
-    if not message:
+def decode(text: str | None) -> StageResult | None:
+    """A stage's result as its order carries it; None if it is not one."""
+    try:
+        data: Any = json.loads(text or "")
+    except ValueError:
         return None
-    # The mark may be in the human part (an error's text) and in the JSON's strings: the result is
-    # the first remainder that is JSON.
-    data: Any = None
-    at = message.find(RESULT_MARK)
-    while at >= 0 and data is None:
-        try:
-            data = json.loads(message[at + len(RESULT_MARK) :])
-        except ValueError:
-            at = message.find(RESULT_MARK, at + 1)
     if not isinstance(data, dict):
         return None
     try:
@@ -181,77 +177,173 @@ def decode(message: str | None) -> StageResult | None:
         return None
 
 
-def run_stage_here(params: StageParameters, settings: Settings, executed_by: str) -> StageResult:
-    """The stage through the ledger, on this machine: what ``restore-stage`` does, without Prefect."""
-    from restore_flows.bootstrap import live_fleet, open_ledger
+class SessionRefused(Exception):
+    """This worker must not run this session (another ledger, another site)."""
 
+
+def refusal(params: SessionParameters, settings: Settings) -> str | None:
+    """Why this worker must not run the session, before it touches any ledger; None: it may."""
     url = settings.ledger_url(rehearsal=params.rehearsal)
     if shown_url(url) != params.ledger:
-        return StageResult(
-            params.host,
-            None,
-            f"this worker's ledger is {shown_url(url)}, the scheduler's {params.ledger}: refused",
-            gave_up=True,
-        )
+        return f"this worker's ledger is {shown_url(url)}, the scheduler's {params.ledger}: refused"
     sites = [s for s in os.environ.get(SITES_ENV, "").split(",") if s]
     if sites and params.site not in sites:
-        return StageResult(
-            params.host,
-            None,
-            f"a worker of {', '.join(sites)} got a stage of site {params.site}",
-            gave_up=True,
-        )
-    estate = load_estate(settings.inventory)
-    host = estate.hosts.get(params.host)
-    if host is None or host.site != params.site:
-        return StageResult(
-            params.host, None, f"{params.host} is not a host of site {params.site} here", gave_up=True
-        )
-    actor = f"worker {executed_by}"
-    with open_ledger(settings, rehearsal=params.rehearsal) as context:
-        ledger = context.ledger
-        ledger.executed_by = executed_by
+        return f"a worker of {', '.join(sites)} got the session of site {params.site}"
+    return None
+
+
+Submit = Callable[[str, Callable[[], None]], None]
+"""How a session runs one stage: its label, and the work (a task run of the session's flow run)."""
+
+
+@contextlib.contextmanager
+def _fleet_and_ledger(params: SessionParameters, settings: Settings) -> Iterator[tuple[Ledger, Any]]:
+    from restore_flows.bootstrap import live_fleet
+    from restore_flows.ledger.db import make_engine, require_current_schema
+
+    # A session holds few connections however many stages it runs: each stage's transactions are
+    # short, and every site's session shares the database's connection limit.
+    engine = make_engine(
+        settings.ledger_url(rehearsal=params.rehearsal),
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        pool_size=settings.site_session_pool,
+        max_overflow=0,
+    )
+    try:
+        require_current_schema(engine)
+        ledger = Ledger(engine, stale_seconds=settings.run_stale_seconds)
         if params.rehearsal:
-            fleet: Any = SimulatedFleet(
-                time_scale=params.time_scale,
-                fail_rates=dict.fromkeys(Stage, params.fail_rate),
-                seed=params.seed,
-                broken=dict.fromkeys(params.broken_hosts, Stage.WIPE),
-                noise=params.duration_noise,
+            yield (
+                ledger,
+                SimulatedFleet(
+                    time_scale=params.time_scale,
+                    fail_rates=dict.fromkeys(Stage, params.fail_rate),
+                    seed=params.seed,
+                    broken=dict.fromkeys(params.broken_hosts, Stage.WIPE),
+                    noise=params.duration_noise,
+                ),
             )
-            # The fleet draws failures per attempt: continue the count the ledger has.
-            done = [a for a in ledger.history(host.name).attempts if a.stage == params.stage.value]
-            fleet._attempts[(host.name, params.stage)] = len(done)
-            runner = StageRunner(ledger, fleet, params.run_id, actor, settings.lease_seconds)
-            return runner.run(host, params.stage, lambda: params.claims)
-        with live_fleet(settings, estate) as live:
-            runner = StageRunner(ledger, live, params.run_id, actor, settings.lease_seconds)
-            return runner.run(host, params.stage, lambda: params.claims)
+        else:
+            with live_fleet(settings, load_estate(settings.inventory)) as live:
+                yield ledger, live
+    finally:
+        engine.dispose()
 
 
-@flow(name=STAGE_FLOW, flow_run_name="{params.stage} {params.host}", log_prints=False)
-def restore_stage(params: StageParameters) -> State[Any]:
-    """One stage of one host, on its site's worker, through the shared ledger."""
+def run_session(
+    params: SessionParameters,
+    settings: Settings,
+    *,
+    session: str,
+    executed_by: str,
+    submit: Submit,
+    poll_seconds: float = 0.5,
+) -> int:
+    """A site's session: take this site's orders of the run, run each through ``submit``, answer it,
+    until the run has ended and nothing is in flight. Returns how many stages it ran."""
+    why = refusal(params, settings)
+    if why is not None:
+        raise SessionRefused(why)
+    estate = load_estate(settings.inventory)
+    actor = f"worker {executed_by}"
+    ran = 0
+    in_flight: set[int] = set()
+    lock = threading.Lock()
+    wake = threading.Event()
+    with _fleet_and_ledger(params, settings) as (ledger, fleet):
+        ledger.executed_by = executed_by
+        runner = StageRunner(ledger, fleet, params.run_id, actor, settings.lease_seconds)
+
+        def work(order: OrderRecord) -> Callable[[], None]:
+            def stage() -> None:
+                try:
+                    result = _run_order(order, params.site, estate, ledger, runner, fleet)
+                    ledger.orders.answer(order.id, session, encode(result))
+                finally:
+                    with lock:
+                        in_flight.discard(order.id)
+                    wake.set()
+
+            return stage
+
+        while True:
+            with lock:
+                free = params.threads - len(in_flight)
+            orders = ledger.orders.take(params.run_id, params.site, session, free)
+            for order in orders:
+                with lock:
+                    in_flight.add(order.id)
+                ran += 1
+                submit(f"{order.stage} {order.host}", work(order))
+            if orders:
+                continue
+            with lock:
+                idle = not in_flight
+            if idle and not ledger.orders.run_alive(params.run_id):
+                return ran
+            wake.wait(poll_seconds)
+            wake.clear()
+
+
+def _run_order(
+    order: OrderRecord, site: str, estate: Any, ledger: Ledger, runner: StageRunner, fleet: Any
+) -> StageResult:
+    host = estate.hosts.get(order.host)
+    if host is None or host.site != site:
+        ledger.slots.release(order.claims)
+        return StageResult(order.host, None, f"{order.host} is not a host of site {site} here", gave_up=True)
+    stage = Stage(order.stage)
+    if isinstance(fleet, SimulatedFleet):
+        # The fleet draws failures per attempt: continue the count the ledger has.
+        done = [a for a in ledger.history(host.name).attempts if a.stage == stage.value]
+        fleet._attempts[(host.name, stage)] = len(done)
+    try:
+        return runner.run(host, stage, lambda: order.claims)
+    except Exception as exc:  # a bug, or the ledger gone past its retries: this stage only
+        log.exception("%s %s", order.stage, order.host)
+        ledger.slots.release(order.claims)
+        return StageResult(order.host, None, f"unexpected error on the site's worker: {exc}", gave_up=True)
+
+
+@task(cache_policy=NO_CACHE, retries=0, task_run_name="{label}")
+def site_stage(label: str, work: Callable[[], None]) -> None:
+    """One stage of one host, a task run of its site's session."""
+    work()
+
+
+@flow(name=SESSION_FLOW, flow_run_name="{params.site} {params.run_id}", log_prints=False)
+def restore_site(params: SessionParameters) -> State[Any]:
+    """A site's session of a campaign, on the site's worker: the site's stages as its task runs."""
     _watch_parent()
-    result = run_stage_here(params, Settings(), worker_name())
-    said = result.state.value if result.state is not None else (result.held_by or "not run")
-    text = f"{params.stage.value} {params.host}: {said}" + (f": {result.error}" if result.error else "")
-    failed = result.gave_up or (result.state is not None and result.state.value.endswith("_failed"))
-    message = text + RESULT_MARK + encode(result)
-    return Failed(message=message) if failed else Completed(message=message)
+    futures: list[PrefectConcurrentFuture[None]] = []
+
+    def submit(label: str, work: Callable[[], None]) -> None:
+        # quote(): hand the callable over as it is; Prefect would otherwise walk and rebuild it.
+        futures.append(cast(Any, site_stage.submit(label, cast(Any, quote(work)))))
+        if len(futures) > 1_000:  # a campaign's worth of stages: keep only those still running
+            futures[:] = [f for f in futures if not f.wrapped_future.done()]
+
+    try:
+        ran = run_session(
+            params, Settings(), session=str(runtime.flow_run.id), executed_by=worker_name(), submit=submit
+        )
+    except SessionRefused as refused:
+        return Failed(message=str(refused))
+    wait(list[PrefectFuture[None]](futures))  # the last task runs record their final state first
+    return Completed(message=f"site {params.site}: {ran} stage(s) of run {params.run_id}")
 
 
-# -- the pool, its queues and the stage deployment -------------------------------------------------
+# -- the pool, its queues and the session deployment ----------------------------------------------
 
 
-def stage_deployment() -> RunnerDeployment:
-    """``restore-stage`` on the sites' pool, imported by module path: a worker with the package
+def session_deployment() -> RunnerDeployment:
+    """``restore-site`` on the sites' pool, imported by module path: a worker with the package
     installed runs it from any directory."""
     return cast(
         RunnerDeployment,
-        restore_stage.to_deployment(
-            name=STAGE_FLOW,
-            description="One stage of one host, on its site's worker (sent by a campaign's site executor).",
+        restore_site.to_deployment(
+            name=SESSION_FLOW,
+            description="A site's session of a campaign, on its worker: the site's stages as task runs.",
             tags=["restore", "site"],
             work_pool_name=POOL,
             entrypoint_type=EntrypointType.MODULE_PATH,
@@ -260,7 +352,7 @@ def stage_deployment() -> RunnerDeployment:
 
 
 def prepare_sites(client: SyncPrefectClient, sites: Iterable[str]) -> UUID:
-    """The work pool, a queue per site and the stage deployment, created where missing."""
+    """The work pool, a queue per site and the session deployment, created where missing."""
     from prefect.workers.process import ProcessWorker
 
     try:
@@ -279,7 +371,7 @@ def prepare_sites(client: SyncPrefectClient, sites: Iterable[str]) -> UUID:
     for site in sorted(set(sites) - known):
         with contextlib.suppress(ObjectAlreadyExists):
             client.create_work_queue(name=site, work_pool_name=POOL, description=f"Stages of site {site}")
-    return cast(UUID, stage_deployment().apply(work_pool_name=POOL))
+    return cast(UUID, session_deployment().apply(work_pool_name=POOL))
 
 
 def sites_of_worker(name: str) -> list[str]:
@@ -322,9 +414,9 @@ def worker_env(
 
 
 def crash_left_runs(client: SyncPrefectClient, sites: Sequence[str]) -> int:
-    """A worker starting for these sites ran none of their stage runs still marked Pending or Running:
+    """A worker starting for these sites runs none of their sessions still marked Pending or Running:
     their processes died with the worker before it (one worker per site). Say so, so that the scheduler
-    sends those stages again at once rather than after the site went silent."""
+    starts new sessions and sends their stages again at once rather than after the site went silent."""
     left = client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
             work_queue_name=FlowRunFilterWorkQueueName(any_=list(sites)),
@@ -336,14 +428,14 @@ def crash_left_runs(client: SyncPrefectClient, sites: Sequence[str]) -> int:
     )
     for run in left:
         client.set_flow_run_state(
-            run.id, Crashed(message="its worker was restarted: the stage is run again"), force=True
+            run.id, Crashed(message="its worker was restarted: a new session takes over"), force=True
         )
     return len(left)
 
 
 def exec_worker(sites: Sequence[str], settings: Settings, *, name: str | None = None, limit: int = 8) -> None:
     """Become the worker of these sites (``restore worker``): pool, queues and deployment made sure
-    of, stage runs left by a previous worker marked Crashed, then ``prefect worker start``."""
+    of, sessions left by a previous worker marked Crashed, then ``prefect worker start``."""
     import sys
     from pathlib import Path
 
@@ -353,7 +445,7 @@ def exec_worker(sites: Sequence[str], settings: Settings, *, name: str | None = 
         prepare_sites(client, sites)
         crashed = crash_left_runs(client, sites)
     if crashed:
-        log.warning("%d stage run(s) of %s were left by the previous worker: run again", crashed, sites)
+        log.warning("%d session(s) of %s were left by the previous worker: taken over", crashed, sites)
     prefect = str(Path(sys.executable).with_name("prefect"))
     os.execve(prefect, worker_command(sites, name=name, limit=limit, prefect=prefect), env)
 
@@ -366,8 +458,6 @@ class _Sent:
     order: StageOrder
     deliver: Callable[[Outcome], None]
     claims: tuple[int, ...]
-    flow_run: UUID | None = None
-    seen: StateType | None = None
 
 
 @dataclass
@@ -392,22 +482,28 @@ class SiteStatus:
 
 @dataclass
 class SiteExecutor:
-    """Each stage as a flow run of ``restore-stage`` on its host's site's queue (see the module)."""
+    """Each stage as an order to its host's site's session, one session flow run per site and
+    campaign on the site's queue (see the module)."""
 
     ledger: Ledger
-    """The scheduler's ledger: to give back the claims of a stage that was lost with its worker."""
+    """The scheduler's ledger: the orders go through it."""
     ledger_url: str
     rehearsal: bool = True
     fleet: FleetParameters = field(default_factory=FleetParameters)
     silent_seconds: float = 30.0
     """A site whose queue no worker polled for this long has no worker."""
     poll_seconds: float = 1.0
-    """How often flow runs and queues are read."""
+    """How often the orders' results, the sessions and the queues are read."""
+    threads: int = 16
+    """Stages each site's session runs at once."""
     submitters: int = 4
     client_factory: Callable[[], SyncPrefectClient] = lambda: get_client(sync_client=True)
-    _sent: dict[UUID, _Sent] = field(default_factory=dict, init=False)
+    _sent: dict[int, _Sent] = field(default_factory=dict, init=False)
+    _sessions: dict[tuple[str, str], UUID] = field(default_factory=dict, init=False)
+    """The live session (its flow run) of each (site, ledger run)."""
     _sites: dict[str, SiteStatus] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _starting: threading.Lock = field(default_factory=threading.Lock, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
@@ -416,7 +512,11 @@ class SiteExecutor:
     _local: threading.local = field(default_factory=threading.local, init=False)
     _clients: list[SyncPrefectClient] = field(default_factory=list, init=False)
     submitted: int = field(default=0, init=False)
+    """Orders sent."""
+    sessions: list[UUID] = field(default_factory=list, init=False)
+    """Every session flow run started, in order."""
     lost: int = field(default=0, init=False)
+    """Orders a session had taken when it was lost with its worker."""
 
     def open(self, sites: Iterable[str]) -> SiteExecutor:
         """Make sure the pool, the queues and the deployment exist; start watching."""
@@ -452,44 +552,58 @@ class SiteExecutor:
             return
         sent = _Sent(order, deliver, tuple(order.claims()))
         assert self._pool is not None, "open() the executor first"
-        self._pool.submit(self._context.copy().run, self._create, sent)
+        self._pool.submit(self._context.copy().run, self._send, sent)
 
-    def _create(self, sent: _Sent) -> None:
+    def _send(self, sent: _Sent) -> None:
         order = sent.order
-        assert isinstance(order.start.stage, Stage)
-        params = StageParameters(
-            host=order.host.name,
-            stage=order.start.stage,
-            site=order.host.site,
-            run_id=order.run_id,
-            rehearsal=self.rehearsal,
-            ledger=shown_url(self.ledger_url),
-            claims=list(sent.claims),
-            time_scale=self.fleet.time_scale,
-            fail_rate=self.fleet.fail_rate,
-            duration_noise=self.fleet.duration_noise,
-            seed=self.fleet.seed,
-            broken_hosts=list(self.fleet.broken_hosts),
-        )
         try:
-            run = self._client().create_flow_run_from_deployment(
-                cast(UUID, self._deployment),
-                parameters={"params": params.model_dump(mode="json")},
-                work_queue_name=order.host.site,
-                tags=["restore", f"site:{order.host.site}", f"run:{order.run_id[:8]}"],
+            self._session(order.host.site, order.run_id)
+            assert isinstance(order.start.stage, Stage)
+            order_id = self.ledger.orders.send(
+                order.run_id, order.host.site, order.host.name, order.start.stage.value, sent.claims
             )
-        except Exception as exc:  # the server unreachable: the stage did not start; try again later
+        except Exception as exc:  # the server or the ledger unreachable: not started; try again later
             log.warning("could not send %s %s to its site", order.start.stage, order.host.name, exc_info=True)
             self.ledger.slots.release(sent.claims)
             sent.deliver(Outcome(order.start.host, Result.MOVED, None, error=f"not sent: {exc}"))
             return
-        sent.flow_run = run.id
         with self._lock:
-            self._sent[run.id] = sent
+            self._sent[order_id] = sent
             self.submitted += 1
 
+    def _session(self, site: str, run_id: str) -> UUID:
+        """The site's session of this run, started on the site's queue if it has none."""
+        with self._starting:
+            with self._lock:
+                known = self._sessions.get((site, run_id))
+            if known is not None:
+                return known
+            params = SessionParameters(
+                site=site,
+                run_id=run_id,
+                rehearsal=self.rehearsal,
+                ledger=shown_url(self.ledger_url),
+                threads=self.threads,
+                time_scale=self.fleet.time_scale,
+                fail_rate=self.fleet.fail_rate,
+                duration_noise=self.fleet.duration_noise,
+                seed=self.fleet.seed,
+                broken_hosts=list(self.fleet.broken_hosts),
+            )
+            run = self._client().create_flow_run_from_deployment(
+                cast(UUID, self._deployment),
+                parameters={"params": params.model_dump(mode="json")},
+                work_queue_name=site,
+                tags=["restore", f"site:{site}", f"run:{run_id[:8]}"],
+            )
+            with self._lock:
+                self._sessions[(site, run_id)] = run.id
+                self.sessions.append(run.id)
+            return run.id
+
     def close(self) -> None:
-        """Stop watching once every stage sent has come back (the campaign has delivered them all)."""
+        """Stop watching once every stage sent has come back (the campaign has delivered them all).
+        The sessions end by themselves once the campaign's run has ended."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._stop.set()
@@ -515,9 +629,11 @@ class SiteExecutor:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self._refresh_sites()
-                self._check_runs()
-            except Exception:  # the server unreachable for a moment: the next look tries again
-                log.warning("could not read the site workers' runs", exc_info=True)
+                self._check_sessions()
+                self._check_answers()
+                self._orphans()
+            except Exception:  # the server or the ledger unreachable for a moment: the next look tries again
+                log.warning("could not read the site sessions' orders", exc_info=True)
 
     def _refresh_sites(self) -> None:
         client = self._client()
@@ -540,64 +656,96 @@ class SiteExecutor:
             for queue in queues:
                 self._sites[queue.name] = SiteStatus(queue.name, heard.get(queue.name), self.silent_seconds)
 
-    def _check_runs(self) -> None:
+    def _check_answers(self) -> None:
         with self._lock:
             ids = list(self._sent)
         if not ids:
             return
+        for record in self.ledger.orders.answered(ids):
+            with self._lock:
+                sent = self._sent.pop(record.id, None)
+            if sent is None:
+                continue
+            result = decode(record.result)
+            if result is not None:
+                sent.deliver(sent.order.outcome(result))
+                continue
+            self.ledger.slots.release(sent.claims)
+            error = f"the site's session answered {record.result!r}, not a stage's result"
+            sent.deliver(Outcome(sent.order.start.host, Result.STUCK, error=error))
+
+    def _check_sessions(self) -> None:
+        with self._lock:
+            sessions = dict(self._sessions)
+        if not sessions:
+            return
         now = _now()
-        runs: list[FlowRun] = []
         client = self._client()
+        ids = list(sessions.values())
+        runs: dict[UUID, FlowRun] = {}
         for chunk in range(0, len(ids), 200):
-            runs += client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[chunk : chunk + 200])),
-                limit=200,
-            )
-        for run in runs:
-            state = run.state
+            for run in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[chunk : chunk + 200])), limit=200
+            ):
+                runs[run.id] = run
+        for (site, run_id), flow_run in sessions.items():
+            state = runs[flow_run].state if flow_run in runs else None
             if state is None:
                 continue
-            if state.is_final():
-                self._ended(run.id, state)
-            elif not self.status(self._sent[run.id].order.host.site).up(now):
-                self._lost(client, run.id, state)
+            status = self.status(site)
+            if state.type is StateType.FAILED:
+                # Refused by its worker (another ledger, another site) or broken: starting another
+                # would fail the same way. Its hosts stop here, saying why, for an operator.
+                why = f"site {site}: its session failed: {state.message or 'no message'}"
+                self._lost(site, run_id, flow_run, why, stuck=True)
+            elif state.is_final():
+                self._lost(site, run_id, flow_run, f"site {site}: its session ended {state.name}")
+            elif not status.up(now):
+                why = status.why()
+                if state.type is StateType.SCHEDULED:
+                    client.set_flow_run_state(
+                        flow_run, Cancelled(message=f"{why}: started again later"), force=True
+                    )
+                else:
+                    client.set_flow_run_state(
+                        flow_run, Crashed(message=f"{why}: started again when one is back"), force=True
+                    )
+                self._lost(site, run_id, flow_run, why)
 
-    def _ended(self, run_id: UUID, state: State[Any]) -> None:
+    def _orphans(self) -> None:
+        """Orders sent just as their site's session was lost have none: start one, site being up."""
+        now = _now()
         with self._lock:
-            sent = self._sent.pop(run_id, None)
-        if sent is None:
-            return
-        host = sent.order.start.host
-        result = decode(state.message)
-        if result is not None:
-            sent.deliver(sent.order.outcome(result))
-            return
-        self.ledger.slots.release(sent.claims)
-        if state.type in (StateType.CRASHED, StateType.CANCELLED):
-            # The stage's process did not get to say how it ended: the ledger knows where the host is;
-            # the next attempt resolves it from there.
-            sent.deliver(Outcome(host, Result.MOVED, None, error=f"stage run ended {state.name}"))
-        else:
-            error = f"the stage's flow run ended {state.name}: {state.message or 'no message'}"
-            sent.deliver(Outcome(host, Result.STUCK, error=error))
+            wanting = {(s.order.host.site, s.order.run_id) for s in self._sent.values()} - set(self._sessions)
+        for site, run_id in sorted(wanting):
+            if self.status(site).up(now):
+                self._session(site, run_id)
 
-    def _lost(self, client: SyncPrefectClient, run_id: UUID, state: State[Any]) -> None:
-        """Its site went silent while the stage was queued or running: it is not finished."""
+    def _lost(self, site: str, run_id: str, flow_run: UUID, why: str, *, stuck: bool = False) -> None:
+        """The site's session is gone (with its worker, or ended): its orders not answered are
+        withdrawn and their hosts tried again, with a new session once the site has a worker
+        (``stuck``: the session failed; its hosts stop, for an operator)."""
         with self._lock:
-            sent = self._sent.pop(run_id, None)
-        if sent is None:
+            if self._sessions.get((site, run_id)) == flow_run:
+                del self._sessions[(site, run_id)]
+            ids = [i for i, s in self._sent.items() if s.order.host.site == site and s.order.run_id == run_id]
+        if not ids:
             return
-        why = self.status(sent.order.host.site).why()
-        if state.type is StateType.SCHEDULED:
-            client.set_flow_run_state(run_id, Cancelled(message=f"{why}: sent again later"), force=True)
-        else:
-            client.set_flow_run_state(
-                run_id, Crashed(message=f"{why}: run again when one is back"), force=True
-            )
-            log.warning("%s: %s %s lost with its worker", why, sent.order.start.stage, sent.order.host.name)
-            self.lost += 1
-        self.ledger.slots.release(sent.claims)
-        sent.deliver(Outcome(sent.order.start.host, Result.MOVED, None, error=why))
+        dropped = self.ledger.orders.drop(ids)
+        for record in dropped:
+            with self._lock:
+                sent = self._sent.pop(record.id, None)
+                self.lost += record.state.value == "taken"
+            if sent is None:
+                continue
+            if record.state.value == "taken":
+                log.warning("%s: %s %s lost with its session", why, record.stage, record.host)
+            self.ledger.slots.release(sent.claims)
+            if stuck:
+                sent.deliver(Outcome(sent.order.start.host, Result.STUCK, error=why))
+            else:
+                sent.deliver(Outcome(sent.order.start.host, Result.MOVED, None, error=why))
+        # Those done meanwhile keep their result: the next look at the answers delivers them.
 
 
 def _now() -> dt.datetime:

@@ -51,7 +51,10 @@ def _alembic_dir() -> Path:
 ALEMBIC_DIR = _alembic_dir()
 
 
-def make_engine(url: str, *, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Engine:
+def make_engine(
+    url: str, *, busy_timeout_ms: int = 30_000, pool_size: int = 10, max_overflow: int | None = None
+) -> Engine:
+    """``pool_size`` connections kept, and ``max_overflow`` (default: as many) more on a burst."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -63,7 +66,8 @@ def make_engine(url: str, *, busy_timeout_ms: int = 30_000, pool_size: int = 10)
         )
         _sqlite_setup(engine, busy_timeout_ms)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    overflow = pool_size if max_overflow is None else max_overflow
+    return create_engine(url, pool_size=pool_size, max_overflow=overflow, pool_pre_ping=True)
 
 
 READ_ONLY = {"ledger_read_only": True}
@@ -181,8 +185,9 @@ def require_current_schema(engine: Engine) -> None:
 
 # PostgreSQL SQLSTATEs worth another try: the transaction was rolled back for the database's own
 # reasons (deadlock, serialization), or the connection went (admin shutdown, crash, network).
+# 53300: every connection slot of the server is taken (many sites' sessions at once); one frees soon.
 _TRANSIENT_SQLSTATES = frozenset(
-    {"40001", "40P01", "57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006"}
+    {"40001", "40P01", "53300", "57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006"}
 )
 _RETRY_FOR_SECONDS = 60.0
 

@@ -48,6 +48,7 @@ from restore_flows.errors import LeaseHeld, LeaseLost, SafetyViolation, UnknownH
 from restore_flows.inventory.estate import Estate
 from restore_flows.ledger.db import READ_ONLY, retried
 from restore_flows.ledger.liveness import dead_here, dead_runs, this_process
+from restore_flows.ledger.orders import StageOrders
 from restore_flows.ledger.pools import Slots
 from restore_flows.ledger.records import (
     ApprovalRecord,
@@ -130,6 +131,8 @@ class Ledger:
         self.slots = Slots(engine, clock, stale_seconds)
         self.steps = Steps(engine, clock, stale_seconds)
         """Procedure steps (forest recovery, credential resets): their states, log and rotations."""
+        self.orders = StageOrders(engine, clock, stale_seconds)
+        """The site mode's stage orders, between the scheduler and each site's session."""
         # The state of each host this process holds a lease on, keyed by the lease's fencing token.
         # Only the holder of a token can change the host, so while the token is valid this is the
         # database's state; a write under a stale token fails its guard and takes the slow path.

@@ -278,3 +278,30 @@ class SecretRotationRow(Base):
     at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
     __table_args__ = (Index(None, "step"),)
+
+
+class StageOrderRow(Base):
+    """A stage the campaign's scheduler sent to a site's session (the site mode): a mailbox, not
+    history. The scheduler writes it ``queued``; the site's session flow run takes it (``taken``, naming
+    itself), runs it and writes the result (``done``); the scheduler reads the result back. An order
+    whose session was lost with its worker is ``dropped`` by the scheduler and sent again later. What
+    the stage did is in the host's transitions and attempts, as for any stage."""
+
+    __tablename__ = "stage_orders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    site: Mapped[str] = mapped_column(String(253))
+    host: Mapped[str] = mapped_column(String(253))
+    stage: Mapped[str] = mapped_column(String(32))
+    claims: Mapped[str] = mapped_column(Text, default="[]")
+    """The pool claims granted to the stage, as JSON: the stage gives them back."""
+    state: Mapped[str] = mapped_column(String(16))
+    session: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The session (its flow run) that took it."""
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The stage's result, as JSON (no secret: states, errors, who holds the host)."""
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index(None, "run_id", "site", "state"),)

@@ -296,14 +296,49 @@ def test_sites_for_real(
             if t.event == Event.INTERRUPTED.value or "was lost" in (t.detail or "")
         ]
         assert resolved, "no sign in the ledger of the wipe lost with arl's worker"
-        # Its flow run is not left Running in Prefect.
+        # Its session is not left Running in Prefect, and a new one took over: each site's flow runs
+        # hold that site's stages only, as task runs.
         assert executor.lost + _crashed() >= 1
+        sessions = _sessions(executor.sessions)
+        assert sorted(site for site, _ in sessions) == sorted([*SITES, KILLED]), sessions
+        for site, stages in sessions:
+            assert stages, site
+            assert all(label.split(" ")[1] in hosts_of[site] for label in stages), (site, stages)
+        # The sites that never lost their worker: a task run for each stage attempt, no more.
+        ran = sorted(label for site, stages in sessions for label in stages if site != KILLED)
+        assert ran == sorted(f"{a.stage} {a.host}" for a in attempts if a.host not in hosts_of[KILLED])
     finally:
         workers.stop()
         if executor is not None:
             executor.close()
         prefect_settings.__exit__(None, None, None)
         engine.dispose()
+
+
+def _sessions(flow_runs: list[Any]) -> list[tuple[str, list[str]]]:
+    """Each session flow run's site (from its tag) and its task runs' names, once the server has
+    recorded them all (it records task runs from events, a moment after they ran)."""
+    with get_client(sync_client=True) as client:
+
+        def read() -> list[tuple[str, list[str]]]:
+            found = []
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(id={"any_": flow_runs})):
+                site = next(t.removeprefix("site:") for t in run.tags if t.startswith("site:"))
+                tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+                found.append((site, sorted(t.name for t in tasks)))
+            return sorted(found)
+
+        previous: list[tuple[str, list[str]]] = []
+
+        def settled() -> list[tuple[str, list[str]]] | None:
+            nonlocal previous
+            now = read()
+            same = now == previous
+            previous = now
+            return now if same else None
+
+        found: list[tuple[str, list[str]]] = _wait(settled, 60, "the sessions' task runs are recorded")
+        return found
 
 
 def _crashed() -> int:

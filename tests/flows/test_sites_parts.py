@@ -1,9 +1,12 @@
-"""The site mode's parts without a server: the stage result through a flow run's state message, what
-a site's worker status says, and what a worker refuses before touching the ledger."""
+"""The site mode's parts without a server: the stage result as an order carries it, what a site's
+worker status says, what a worker refuses before touching the ledger, and a site's session running
+its orders through the ledger."""
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,15 +14,19 @@ import pytest
 from restore_flows.execution.stages import StageResult
 from restore_flows.flows.sites import (
     SITES_ENV,
+    SessionParameters,
+    SessionRefused,
     SiteStatus,
-    StageParameters,
     decode,
     encode,
-    run_stage_here,
+    run_session,
     shown_url,
     sites_of_worker,
 )
-from restore_flows.inventory.models import Stage
+from restore_flows.inventory.loader import load_estate
+from restore_flows.ledger.db import make_engine, upgrade
+from restore_flows.ledger.repository import Ledger
+from restore_flows.planning import plan
 from restore_flows.settings import Settings
 from restore_flows.states import HostState
 from tests.conftest import WriteInventory
@@ -34,6 +41,8 @@ roles:
   - {name: ws, kind: workstation, services: [clinical]}
 hosts:
   - {name: ws-arl-1, role: ws, site: arl}
+  - {name: ws-arl-2, role: ws, site: arl}
+  - {name: ws-bas-1, role: ws, site: bas}
 """
 
 
@@ -43,18 +52,16 @@ hosts:
         StageResult("ws-1", HostState.WIPED),
         StageResult("ws-1", HostState.WIPE_FAILED, "disk busy", retryable=True),
         StageResult("ws-1", None, held_by="waiting: host ws-1 is held by run r2"),
-        StageResult("ws-1", HostState.WIPING, "ledger refused: no | result= here", gave_up=True),
+        StageResult("ws-1", HostState.WIPING, 'ledger refused: {"no": 1}', gave_up=True),
     ],
 )
-def test_a_stage_result_survives_the_state_message(result: StageResult) -> None:
-    assert decode("wipe ws-1: whatever | result=" + encode(result)) == result
+def test_a_stage_result_survives_its_order(result: StageResult) -> None:
+    assert decode(encode(result)) == result
 
 
-@pytest.mark.parametrize(
-    "message", [None, "", "Crashed by the worker", "x | result={not json", "x | result={}"]
-)
-def test_a_message_without_a_result_is_none(message: str | None) -> None:
-    assert decode(message) is None
+@pytest.mark.parametrize("text", [None, "", "Crashed by the worker", "{not json", "{}", "[1]"])
+def test_an_answer_that_is_not_a_result_is_none(text: str | None) -> None:
+    assert decode(text) is None
 
 
 def test_a_site_is_up_while_its_worker_was_heard_from_recently() -> None:
@@ -80,38 +87,78 @@ def test_a_stage_never_carries_a_password() -> None:
     assert "s3cret" not in shown_url("postgresql+psycopg://restore:s3cret@db.example:5432/ledger")
 
 
-def _params(**changes: object) -> StageParameters:
-    fields: dict[str, object] = {
-        "host": "ws-arl-1",
-        "stage": Stage.WIPE,
-        "site": "arl",
-        "run_id": "r1",
-        "ledger": "sqlite:///elsewhere.sqlite3",
-    }
+def _params(**changes: object) -> SessionParameters:
+    fields: dict[str, object] = {"site": "arl", "run_id": "r1", "ledger": "sqlite:///elsewhere.sqlite3"}
     fields.update(changes)
-    return StageParameters.model_validate(fields)
+    return SessionParameters.model_validate(fields)
 
 
-def test_a_worker_refuses_a_stage_for_another_ledger(tmp_path: Path, write_inventory: WriteInventory) -> None:
+def _never(label: str, work: Callable[[], None]) -> None:
+    raise AssertionError(f"{label} was run")
+
+
+def test_a_worker_refuses_a_session_for_another_ledger(
+    tmp_path: Path, write_inventory: WriteInventory
+) -> None:
     settings = Settings(inventory=write_inventory(estate=ESTATE), data_dir=tmp_path)
-    result = run_stage_here(_params(), settings, "arl@vm")
-    assert result.gave_up
-    assert result.state is None
-    assert "refused" in (result.error or "")
+    with pytest.raises(SessionRefused, match="refused"):
+        run_session(_params(), settings, session="s1", executed_by="arl@vm", submit=_never)
     assert not (tmp_path / "rehearsal.sqlite3").exists()  # the ledger was not even opened
 
 
-def test_a_worker_refuses_a_stage_of_another_site(
+def test_a_worker_refuses_the_session_of_another_site(
     tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(inventory=write_inventory(estate=ESTATE), data_dir=tmp_path)
     ledger = shown_url(settings.ledger_url(rehearsal=True))
     monkeypatch.setenv(SITES_ENV, "bas")
-    result = run_stage_here(_params(ledger=ledger), settings, "bas@vm")
-    assert result.gave_up
-    assert result.error == "a worker of bas got a stage of site arl"
-    monkeypatch.setenv(SITES_ENV, "arl")
-    result = run_stage_here(_params(ledger=ledger, site="arl", host="ws-bas-9"), settings, "arl@vm")
-    assert result.gave_up
-    assert result.error == "ws-bas-9 is not a host of site arl here"
+    with pytest.raises(SessionRefused, match="a worker of bas got the session of site arl"):
+        run_session(_params(ledger=ledger), settings, session="s1", executed_by="bas@vm", submit=_never)
     assert not (tmp_path / "rehearsal.sqlite3").exists()
+
+
+def test_a_session_runs_its_site_s_orders_and_ends_with_its_run(
+    tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inventory = write_inventory(estate=ESTATE)
+    settings = Settings(inventory=inventory, data_dir=tmp_path)
+    url = settings.ledger_url(rehearsal=True)
+    engine = make_engine(url)
+    upgrade(engine)
+    ledger = Ledger(engine)
+    estate = load_estate(inventory)
+    ledger.sync_inventory(estate, plan(estate))
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    ledger.record_approval(run, "rest", ["ws-arl-1"], "Dr. Approver", "1 host")
+    mine = ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
+    stranger = ledger.orders.send(run, "arl", "ws-bas-1", "wipe", [])  # sent to the wrong site
+    other_site = ledger.orders.send(run, "bas", "ws-bas-1", "wipe", [])
+    monkeypatch.setenv(SITES_ENV, "arl")
+    labels: list[str] = []
+    threads: list[threading.Thread] = []
+
+    def submit(label: str, work: Callable[[], None]) -> None:
+        labels.append(label)
+        if len(labels) == 2:  # the campaign ends once the session has its orders
+            ledger.finish_run(run, "completed")
+        threads.append(threading.Thread(target=work))
+        threads[-1].start()
+
+    params = _params(ledger=shown_url(url), run_id=run)
+    ran = run_session(params, settings, session="s1", executed_by="arl@vm", submit=submit, poll_seconds=0.05)
+    for thread in threads:
+        thread.join()
+
+    assert ran == 2
+    assert sorted(labels) == ["wipe ws-arl-1", "wipe ws-bas-1"]
+    answers = {o.id: decode(o.result) for o in ledger.orders.answered([mine, stranger, other_site])}
+    assert set(answers) == {mine, stranger}  # bas's order waits for bas's session
+    assert answers[mine] == StageResult("ws-arl-1", HostState.WIPED)
+    refused = answers[stranger]
+    assert refused is not None
+    assert refused.gave_up
+    assert refused.error == "ws-bas-1 is not a host of site arl here"
+    [attempt] = ledger.history("ws-arl-1").attempts
+    assert (attempt.stage, attempt.executed_by) == ("wipe", "arl@vm")
+    assert ledger.states(["ws-bas-1"]) == {"ws-bas-1": HostState.COMPROMISED}  # not touched
+    engine.dispose()

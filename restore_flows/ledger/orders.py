@@ -1,0 +1,193 @@
+"""Stage orders: the mailbox between the campaign's scheduler and each site's session (the site mode).
+
+The scheduler decides centrally; a site's session flow run, on the site's worker, executes. Both
+reach the ledger, so the ledger carries the orders, in one table:
+
+* the scheduler sends an order ``queued`` (host, stage, the pool claims granted);
+* the site's session takes its site's queued orders (``taken``, naming itself) by a conditional
+  UPDATE, so an order is taken once even if a second session of the site appeared;
+* the session writes the stage's result (``done``), guarded by its own name: a session the scheduler
+  gave up on cannot answer for its successor;
+* the scheduler reads the results back, or ``drop``\\s the orders of a session lost with its worker
+  (those already done are answered instead: their result stands).
+
+The stage's effects are in the host's transitions and attempts, under the run's fencing tokens; an
+order is only the message. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import cast
+
+from sqlalchemy import Engine, Table, insert, select, update
+
+from restore_flows.ledger.db import READ_ONLY, retried
+from restore_flows.ledger.liveness import dead_runs
+from restore_flows.ledger.tables import RunRow, StageOrderRow
+
+ORDERS = cast(Table, StageOrderRow.__table__)
+RUNS = cast(Table, RunRow.__table__)
+_CHUNK = 500  # ids per IN (...): well under every backend's limit on parameters
+
+
+class OrderState(StrEnum):
+    QUEUED = "queued"
+    TAKEN = "taken"
+    DONE = "done"
+    DROPPED = "dropped"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRecord:
+    id: int
+    run_id: str
+    site: str
+    host: str
+    stage: str
+    claims: tuple[int, ...]
+    state: OrderState
+    session: str | None
+    result: str | None
+
+
+def _record(row: object) -> OrderRecord:
+    r = cast(StageOrderRow, row)
+    return OrderRecord(
+        int(r.id),
+        str(r.run_id),
+        str(r.site),
+        str(r.host),
+        str(r.stage),
+        tuple(int(c) for c in json.loads(r.claims or "[]")),
+        OrderState(r.state),
+        r.session,
+        r.result,
+    )
+
+
+class StageOrders:
+    """The orders of the ledger (see the module). Safe to share between threads."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], dt.datetime], stale_seconds: float) -> None:
+        self._engine = engine
+        self._reader = engine.execution_options(**READ_ONLY)
+        self._clock = clock
+        self._stale = stale_seconds
+
+    @retried
+    def send(self, run_id: str, site: str, host: str, stage: str, claims: Sequence[int]) -> int:
+        """Queue a stage for its site's session; returns the order's id."""
+        now = self._clock()
+        with self._engine.begin() as db:
+            result = db.execute(
+                insert(ORDERS).values(
+                    run_id=run_id,
+                    site=site,
+                    host=host,
+                    stage=stage,
+                    claims=json.dumps(list(claims)),
+                    state=OrderState.QUEUED.value,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            return int(cast(Sequence[int], result.inserted_primary_key)[0])
+
+    @retried
+    def take(self, run_id: str, site: str, session: str, limit: int) -> list[OrderRecord]:
+        """Up to ``limit`` of this run's queued orders for ``site``, oldest first, now taken by
+        ``session``. An order another session took meanwhile is not returned."""
+        if limit <= 0:
+            return []
+        now = self._clock()
+        with self._engine.begin() as db:
+            ids = list(
+                db.execute(
+                    select(ORDERS.c.id)
+                    .where(
+                        ORDERS.c.run_id == run_id,
+                        ORDERS.c.site == site,
+                        ORDERS.c.state == OrderState.QUEUED.value,
+                    )
+                    .order_by(ORDERS.c.id)
+                    .limit(limit)
+                ).scalars()
+            )
+            if not ids:
+                return []
+            db.execute(
+                update(ORDERS)
+                .where(ORDERS.c.id.in_(ids), ORDERS.c.state == OrderState.QUEUED.value)
+                .values(state=OrderState.TAKEN.value, session=session, updated_at=now)
+            )
+            rows = db.execute(
+                select(ORDERS)
+                .where(ORDERS.c.id.in_(ids), ORDERS.c.session == session)
+                .where(ORDERS.c.state == OrderState.TAKEN.value)
+                .order_by(ORDERS.c.id)
+            ).all()
+        return [_record(r) for r in rows]
+
+    @retried
+    def answer(self, order_id: int, session: str, result: str) -> bool:
+        """The stage's result, by the session that took the order; False if the order is no longer
+        its own (the scheduler dropped it: the host's ledger rows say what the stage did)."""
+        with self._engine.begin() as db:
+            changed = db.execute(
+                update(ORDERS)
+                .where(
+                    ORDERS.c.id == order_id,
+                    ORDERS.c.session == session,
+                    ORDERS.c.state == OrderState.TAKEN.value,
+                )
+                .values(state=OrderState.DONE.value, result=result, updated_at=self._clock())
+            )
+            return bool(changed.rowcount)
+
+    @retried
+    def answered(self, order_ids: Sequence[int]) -> list[OrderRecord]:
+        """Those of these orders that are done, with their results."""
+        found: list[OrderRecord] = []
+        with self._reader.connect() as db:
+            for at in range(0, len(order_ids), _CHUNK):
+                chunk = list(order_ids[at : at + _CHUNK])
+                found += [
+                    _record(r)
+                    for r in db.execute(
+                        select(ORDERS).where(ORDERS.c.id.in_(chunk), ORDERS.c.state == OrderState.DONE.value)
+                    ).all()
+                ]
+        return found
+
+    @retried
+    def drop(self, order_ids: Sequence[int]) -> list[OrderRecord]:
+        """Withdraw these orders (their session is lost): returns those dropped now; an order
+        already done keeps its result (read it with :meth:`answered`)."""
+        now = self._clock()
+        dropped: list[OrderRecord] = []
+        with self._engine.begin() as db:
+            for at in range(0, len(order_ids), _CHUNK):
+                chunk = list(order_ids[at : at + _CHUNK])
+                open_ = [OrderState.QUEUED.value, OrderState.TAKEN.value]
+                rows = db.execute(
+                    select(ORDERS).where(ORDERS.c.id.in_(chunk), ORDERS.c.state.in_(open_))
+                ).all()
+                db.execute(
+                    update(ORDERS)
+                    .where(ORDERS.c.id.in_([r.id for r in rows]), ORDERS.c.state.in_(open_))
+                    .values(state=OrderState.DROPPED.value, updated_at=now)
+                )
+                dropped += [_record(r) for r in rows]
+        return dropped
+
+    @retried
+    def run_alive(self, run_id: str) -> bool:
+        """The run that sends the orders has not ended and is heard from: a session waits for more."""
+        with self._reader.connect() as db:
+            dead = dead_runs(self._clock(), self._stale).where(RUNS.c.id == run_id)
+            return db.execute(dead).first() is None

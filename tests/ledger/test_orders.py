@@ -1,0 +1,53 @@
+"""The site mode's stage orders: taken once, answered only by the session that took them, dropped
+without losing a result that came first; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from restore_flows.ledger.orders import OrderState
+from restore_flows.ledger.repository import Ledger
+
+
+def test_an_order_is_taken_once_and_answered_by_its_session(ledger: Ledger) -> None:
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    first = ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [3, 4])
+    second = ledger.orders.send(run, "arl", "ws-arl-2", "wipe", [])
+    ledger.orders.send(run, "bas", "ws-bas-1", "wipe", [])
+
+    taken = ledger.orders.take(run, "arl", "s1", limit=1)
+    assert [(o.id, o.host, o.claims, o.state) for o in taken] == [
+        (first, "ws-arl-1", (3, 4), OrderState.TAKEN)
+    ]
+    # Another session of the site (one that should not exist) gets only what is left.
+    assert [o.id for o in ledger.orders.take(run, "arl", "s2", limit=10)] == [second]
+    assert ledger.orders.take(run, "arl", "s1", limit=10) == []
+    assert ledger.orders.take(run, "arl", "s1", limit=0) == []
+
+    assert not ledger.orders.answer(first, "s2", '{"x": 1}')  # not its order
+    assert ledger.orders.answered([first, second]) == []
+    assert ledger.orders.answer(first, "s1", '{"x": 1}')
+    assert not ledger.orders.answer(first, "s1", '{"x": 2}')  # answered once
+    [done] = ledger.orders.answered([first, second])
+    assert (done.id, done.state, done.result) == (first, OrderState.DONE, '{"x": 1}')
+
+
+def test_dropping_a_lost_session_s_orders_keeps_a_result_that_came_first(ledger: Ledger) -> None:
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    done = ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
+    taken = ledger.orders.send(run, "arl", "ws-arl-2", "wipe", [])
+    ledger.orders.take(run, "arl", "s1", limit=2)
+    queued = ledger.orders.send(run, "arl", "ws-arl-3", "wipe", [])
+    ledger.orders.answer(done, "s1", "{}")
+
+    dropped = ledger.orders.drop([done, taken, queued])
+    assert {(o.id, o.state) for o in dropped} == {(taken, OrderState.TAKEN), (queued, OrderState.QUEUED)}
+    assert [o.id for o in ledger.orders.answered([done, taken, queued])] == [done]
+    assert not ledger.orders.answer(taken, "s1", "{}")  # the lost session's late answer is refused
+    assert ledger.orders.take(run, "arl", "s2", limit=10) == []  # nor is a dropped order taken again
+    assert ledger.orders.drop([taken]) == []
+
+
+def test_a_session_waits_for_orders_while_its_run_lives(ledger: Ledger) -> None:
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    assert ledger.orders.run_alive(run)
+    ledger.finish_run(run, "completed")
+    assert not ledger.orders.run_alive(run)
