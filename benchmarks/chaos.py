@@ -17,12 +17,13 @@ killed run found dead at once ('crashed'). The time from each re-run to its firs
 
     .venv/bin/python benchmarks/chaos.py [--kills 50] [--prefect-kills 5] [--time-scale 0.002] [--seed 1]
         [--rerun-timeout 60] [--postgres-waves WAVES] [--terminate-every 0.5]
-        [--skip-cli] [--skip-prefect] [--skip-postgres] [--skip-contention]
+        [--skip-cli] [--skip-prefect] [--skip-postgres] [--skip-contention] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -58,6 +59,9 @@ def main() -> None:
             "RESTORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
         ),
     )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this directory and keep it (logs, ledgers)"
+    )
     parser.add_argument("--skip-cli", action="store_true")
     parser.add_argument("--skip-prefect", action="store_true")
     parser.add_argument("--skip-postgres", action="store_true")
@@ -73,8 +77,13 @@ def main() -> None:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"\n{series.summary()}\n(load average at the end: {load}; {os.cpu_count()} CPU(s))", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="restore-chaos-") as scratch_dir:
+    with (
+        contextlib.nullcontext(str(args.keep))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="restore-chaos-")
+    ) as scratch_dir:
         scratch = Path(scratch_dir)
+        scratch.mkdir(parents=True, exist_ok=True)
         if not args.skip_cli:
             done(
                 cli_kills(

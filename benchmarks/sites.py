@@ -212,7 +212,7 @@ def per_site(the_plan: Plan, names: list[str], ledger_url: str, api_url: str) ->
     """(b) the site mode: one campaign here, each stage a task run of its site's session flow run."""
     from restore_flows.flows.sites import SiteExecutor
 
-    engine = make_engine(ledger_url)
+    engine = make_engine(ledger_url, pool_size=8)  # PostgreSQL's 100 connections: see rehearsal()
     upgrade(engine)
     ledger = Ledger(engine)
     ledger.sync_inventory(the_plan.estate, the_plan)
@@ -255,6 +255,10 @@ def rehearsal(sites: int, hosts: int, per_worker: int, scratch: Path, skip_one_f
     ledger_b, _ = _database(f"restore_bench_b_{tag}")
     _, prefect_db = _database(f"restore_bench_prefect_{tag}")
     workers: list[subprocess.Popen[bytes]] = []
+    # PostgreSQL's 100 connections, shared: the server 10 at most, the scheduler 16, each of the
+    # sites' sessions 1 (RESTORE_SITE_SESSION_POOL below).
+    os.environ["PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"] = "5"
+    os.environ["PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW"] = "5"
     try:
         with running_server(scratch / "prefect", port=_port(), database_url=prefect_db) as server:
             os.environ.update(client_settings(server.api_url, server.home))

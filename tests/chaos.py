@@ -382,9 +382,16 @@ def cli_kills(
     log = scratch / "cli.log"
     rounds = kills_before_round = 0
 
+    from restore_flows.inventory.loader import load_estate
+
+    # Only these wait for a person; a repeatable step is 'interrupted' for an instant before its run
+    # starts it again.
+    personal = {n for n, p in load_estate(inventory).procedures.items() if not p.repeatable}
+
     def rearm(steps: list[str]) -> bool:
         """The run did what it could and ended on steps only a person may re-arm: answer as the
         rehearsal's operator would (the simulated step did not finish), so the same command goes on."""
+        steps = [s for s in steps if s in personal]
         for step in steps:
             with open(log, "ab") as said:
                 subprocess.run(
@@ -451,6 +458,10 @@ def cli_kills(
                     series.recovered += 1
                     if progress > 10:
                         series.notes.append(f"re-run after kill {series.kills}: progress in {progress:.1f} s")
+            # A run that goes on with its other hosts while it asks about a step is answered at once,
+            # as an operator at the console would; the step runs in the next run (this one has
+            # already counted it out).
+            answered = process.poll() is None and rearm(probe.interrupted_steps())
             if series.kills < kills and process.poll() is None:
                 time.sleep(rng.uniform(*window))
                 if process.poll() is None:
@@ -468,7 +479,7 @@ def cli_kills(
                 process.kill()
                 code = process.wait()
                 series.notes.append(f"a run did not end within {finish_timeout:.0f} s")
-            if code != 0 and rearm(probe.interrupted_steps()):
+            if code != 0 and (rearm(probe.interrupted_steps()) or answered):
                 fresh = False
                 continue
             if code != 0:
