@@ -33,9 +33,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name=op.f("fk_stage_orders_run_id_runs")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_stage_orders")),
     )
-    op.create_index(
-        op.f("ix_stage_orders_run_id"), "stage_orders", ["run_id", "site", "state"], unique=False
-    )
+    op.create_index(op.f("ix_stage_orders_run_id"), "stage_orders", ["run_id", "site", "state"], unique=False)
 
 
 def downgrade() -> None:
