@@ -34,13 +34,16 @@ class Context:
 
 
 @contextmanager
-def open_ledger(settings: Settings, *, rehearsal: bool = False, migrate: bool = False) -> Iterator[Context]:
+def open_ledger(
+    settings: Settings, *, rehearsal: bool = False, migrate: bool = False, connections: int | None = None
+) -> Iterator[Context]:
     """The ledger, after checking the database is migrated to this code's revision; closed after.
 
     ``migrate`` brings it to the current revision first: for the rehearsal ledger, which the project
     owns entirely; the live ledger is migrated only by an operator (``restore db upgrade``).
+    ``connections`` bounds this process's connections to it (a site's session: see the settings).
     """
-    engine = engine_from_settings(settings, rehearsal)
+    engine = engine_from_settings(settings, rehearsal, connections)
     try:
         if migrate:
             upgrade(engine)

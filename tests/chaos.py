@@ -208,7 +208,7 @@ def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 ASKED = b"restore decide rearm|done_by_hand"
-"""What a run says when all it can do is ask an operator about a step that may have run."""
+"""What a run says when it asks an operator about a step that may have run."""
 
 
 def asked_since(log: Path, offset: int) -> bool:

@@ -14,8 +14,9 @@ import datetime as dt
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from restore_flows.drivers.base import (
     BootDevice,
@@ -31,6 +32,32 @@ from restore_flows.inventory.estate import Host
 from restore_flows.inventory.models import Stage
 from restore_flows.inventory.procedures import ProcedureStep
 from restore_flows.scheduling.durations import draw, planned_minutes
+
+
+class RehearsalKnobs(Protocol):
+    """How an operator tunes a rehearsal's fleet (a flow's parameters, a site session's)."""
+
+    @property
+    def time_scale(self) -> float: ...
+    @property
+    def fail_rate(self) -> float: ...
+    @property
+    def duration_noise(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def broken_hosts(self) -> Sequence[str]: ...
+
+
+def rehearsal_fleet(knobs: RehearsalKnobs) -> SimulatedFleet:
+    """The simulated fleet these knobs describe: the same on every machine that runs a stage of it."""
+    return SimulatedFleet(
+        time_scale=knobs.time_scale,
+        fail_rates=dict.fromkeys(Stage, knobs.fail_rate),
+        seed=knobs.seed,
+        broken=dict.fromkeys(knobs.broken_hosts, Stage.WIPE),
+        noise=knobs.duration_noise,
+    )
 
 
 @dataclass

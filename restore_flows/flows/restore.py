@@ -49,7 +49,7 @@ from pydantic import BaseModel, Field, create_model
 
 from restore_flows.bootstrap import Context, live_fleet, load_and_sync, open_ledger
 from restore_flows.drivers.base import Fleet
-from restore_flows.drivers.fake import SimulatedFleet
+from restore_flows.drivers.fake import rehearsal_fleet
 from restore_flows.execution.campaign import (
     STEP_SCOPE,
     Automatic,
@@ -63,7 +63,6 @@ from restore_flows.execution.campaign import (
 )
 from restore_flows.execution.eta import estate_status, format_minutes
 from restore_flows.flows.progress import RunProgress, summary_markdown
-from restore_flows.inventory.models import Stage
 from restore_flows.ledger.records import RunRecord
 from restore_flows.planning import Plan
 from restore_flows.scheduling.clock import Outcome, Result
@@ -406,13 +405,7 @@ def _back_to_running() -> None:
 
 def _fleet(settings: Settings, params: _Common, stack: ExitStack, estate: Any) -> Fleet:
     if params.mode is Mode.REHEARSAL:
-        return SimulatedFleet(
-            time_scale=params.time_scale,
-            fail_rates=dict.fromkeys(Stage, params.fail_rate),
-            seed=params.seed,
-            broken=dict.fromkeys(params.broken_hosts, Stage.WIPE),
-            noise=params.duration_noise,
-        )
+        return rehearsal_fleet(params)
     return stack.enter_context(live_fleet(settings, estate))
 
 

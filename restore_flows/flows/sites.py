@@ -67,12 +67,14 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import make_url
 
-from restore_flows.drivers.fake import SimulatedFleet
+from restore_flows.drivers.base import Fleet
+from restore_flows.drivers.fake import SimulatedFleet, rehearsal_fleet
 from restore_flows.execution.campaign import StageOrder
 from restore_flows.execution.stages import StageResult, StageRunner
+from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.loader import load_estate
 from restore_flows.inventory.models import Stage
-from restore_flows.ledger.orders import OrderRecord
+from restore_flows.ledger.orders import OrderRecord, OrderState
 from restore_flows.ledger.repository import Ledger
 from restore_flows.scheduling.clock import Outcome, Result
 from restore_flows.settings import Settings
@@ -82,7 +84,6 @@ log = logging.getLogger(__name__)
 
 POOL = "restore-sites"
 SESSION_FLOW = "restore-site"
-SESSION_DEPLOYMENT = f"{SESSION_FLOW}/{SESSION_FLOW}"
 SITES_ENV = "RESTORE_WORKER_SITES"
 """Set by ``restore worker``: the sites whose queues the worker polls (another site's session is refused)."""
 
@@ -197,37 +198,17 @@ Submit = Callable[[str, Callable[[], None]], None]
 
 
 @contextlib.contextmanager
-def _fleet_and_ledger(params: SessionParameters, settings: Settings) -> Iterator[tuple[Ledger, Any]]:
-    from restore_flows.bootstrap import live_fleet
-    from restore_flows.ledger.db import make_engine, require_current_schema
+def _fleet_and_ledger(params: SessionParameters, settings: Settings) -> Iterator[tuple[Ledger, Fleet]]:
+    from restore_flows.bootstrap import live_fleet, open_ledger
 
     # A session holds few connections however many stages it runs: each stage's transactions are
     # short, and every site's session shares the database's connection limit.
-    engine = make_engine(
-        settings.ledger_url(rehearsal=params.rehearsal),
-        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-        pool_size=settings.site_session_pool,
-        max_overflow=0,
-    )
-    try:
-        require_current_schema(engine)
-        ledger = Ledger(engine, stale_seconds=settings.run_stale_seconds)
+    with open_ledger(settings, rehearsal=params.rehearsal, connections=settings.site_session_pool) as context:
         if params.rehearsal:
-            yield (
-                ledger,
-                SimulatedFleet(
-                    time_scale=params.time_scale,
-                    fail_rates=dict.fromkeys(Stage, params.fail_rate),
-                    seed=params.seed,
-                    broken=dict.fromkeys(params.broken_hosts, Stage.WIPE),
-                    noise=params.duration_noise,
-                ),
-            )
+            yield context.ledger, rehearsal_fleet(params)
         else:
             with live_fleet(settings, load_estate(settings.inventory)) as live:
-                yield ledger, live
-    finally:
-        engine.dispose()
+                yield context.ledger, live
 
 
 def run_session(
@@ -286,7 +267,7 @@ def run_session(
 
 
 def _run_order(
-    order: OrderRecord, site: str, estate: Any, ledger: Ledger, runner: StageRunner, fleet: Any
+    order: OrderRecord, site: str, estate: Estate, ledger: Ledger, runner: StageRunner, fleet: Fleet
 ) -> StageResult:
     host = estate.hosts.get(order.host)
     if host is None or host.site != site:
@@ -735,10 +716,10 @@ class SiteExecutor:
         for record in dropped:
             with self._lock:
                 sent = self._sent.pop(record.id, None)
-                self.lost += record.state.value == "taken"
+                self.lost += record.state is OrderState.TAKEN
             if sent is None:
                 continue
-            if record.state.value == "taken":
+            if record.state is OrderState.TAKEN:
                 log.warning("%s: %s %s lost with its session", why, record.stage, record.host)
             self.ledger.slots.release(sent.claims)
             if stuck:

@@ -124,8 +124,14 @@ def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
     event.listen(engine.pool, "checkin", _release)
 
 
-def engine_from_settings(settings: Settings, rehearsal: bool = False) -> Engine:
-    return make_engine(settings.ledger_url(rehearsal), busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+def engine_from_settings(
+    settings: Settings, rehearsal: bool = False, connections: int | None = None
+) -> Engine:
+    """``connections``: at most that many, shared by the process's threads (default: make_engine's)."""
+    url, busy = settings.ledger_url(rehearsal), settings.sqlite_busy_timeout_ms
+    if connections is None:
+        return make_engine(url, busy_timeout_ms=busy)
+    return make_engine(url, busy_timeout_ms=busy, pool_size=connections, max_overflow=0)
 
 
 def alembic_config(url: str) -> Config:

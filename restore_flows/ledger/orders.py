@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Engine, Table, insert, select, update
 
@@ -55,8 +55,8 @@ class OrderRecord:
     result: str | None
 
 
-def _record(row: object) -> OrderRecord:
-    r = cast(StageOrderRow, row)
+def _record(r: Any) -> OrderRecord:
+    """A row of ``stage_orders`` as a record."""
     return OrderRecord(
         int(r.id),
         str(r.run_id),
