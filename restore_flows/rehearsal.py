@@ -22,7 +22,7 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from restore_flows.errors import UsageError
-from restore_flows.flows.server import client_settings, shared_server
+from restore_flows.flows.server import SharedServer, client_settings, shared_server
 from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import current_revision, downgrade, head_revision, make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
@@ -32,8 +32,10 @@ from restore_flows.states import FAILED, HostState
 
 
 @contextmanager
-def prefect_api(settings: Settings, console: Console) -> Iterator[str]:
-    """The API URL of a healthy local Prefect server: the one already running, or one started now."""
+def local_server(settings: Settings, console: Console) -> Iterator[SharedServer]:
+    """The local Prefect server: the one already running, or one started now and left to boot
+    while the caller goes on (:meth:`SharedServer.ready` waits for it). This process's Prefect
+    settings name it from here on."""
 
     def starting() -> None:
         console.print(
@@ -48,8 +50,15 @@ def prefect_api(settings: Settings, console: Console) -> Iterator[str]:
         database_url=settings.prefect_database_url,
         on_start=starting,
     ) as server:
-        console.print(server.said)
         os.environ.update(client_settings(server.api_url, settings.prefect_home))
+        yield server
+
+
+@contextmanager
+def prefect_api(settings: Settings, console: Console) -> Iterator[str]:
+    """The API URL of a healthy local Prefect server: the one already running, or one started now."""
+    with local_server(settings, console) as server:
+        console.print(server.ready())
         yield server.api_url
 
 
@@ -114,14 +123,18 @@ def rehearse(
     os.environ["RESTORE_DATA_DIR"] = str(settings.data_dir)
     # The terminal shows the progress bars; Prefect's per-task lines (still in the UI) would bury them.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    with prefect_api(settings, console) as api_url:
-        console.print(f"Prefect UI: {api_url.removesuffix('/api')}/  (runs, artifacts and progress)")
+    with local_server(settings, console) as server:
+        # While a server boots (a few seconds), the flows' imports and the ledger's migrations run:
+        # a re-run after a crash that finds no server still makes progress within seconds.
         from restore_flows.flows.restore import EstateParameters, restore_estate
 
         engine = make_engine(settings.ledger_url(rehearsal=True))
-        upgrade(engine)
-        ledger = Ledger(engine)
         try:
+            upgrade(engine)
+            ledger = Ledger(engine)
+            console.print(server.ready())
+            ui = server.api_url.removesuffix("/api")
+            console.print(f"Prefect UI: {ui}/  (runs, artifacts and progress)")
             with LedgerProgress(ledger, the_plan, chosen, console, pace=time_scale):
                 state = restore_estate(
                     EstateParameters(

@@ -82,15 +82,15 @@ def client_settings(api_url: str, home: Path) -> dict[str, str]:
     }
 
 
-def start_server(
+def launch_server(
     home: Path,
     *,
     host: str = "127.0.0.1",
     port: int = 4200,
     database_url: str | None = None,
-    timeout: float = 120.0,
-) -> PrefectServer:
-    """Start ``prefect server start`` and wait until it answers ``/api/health``."""
+) -> subprocess.Popen[bytes]:
+    """Start ``prefect server start`` in a session of its own, without waiting for it (see
+    :func:`wait_healthy`): the caller has other work to do while it boots."""
     home.mkdir(parents=True, exist_ok=True)
     api_url = f"http://{host}:{port}/api"
     env = dict(os.environ)
@@ -103,18 +103,30 @@ def start_server(
     if database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     prefect = Path(sys.executable).with_name("prefect")
-    started = time.monotonic()
     with open(home / "server.log", "ab") as log:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [str(prefect), "server", "start", "--host", host, "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def start_server(
+    home: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    database_url: str | None = None,
+    timeout: float = 120.0,
+) -> PrefectServer:
+    """Start ``prefect server start`` and wait until it answers ``/api/health``."""
+    started = time.monotonic()
+    process = launch_server(home, host=host, port=port, database_url=database_url)
     server = PrefectServer(host, port, home, process, 0.0)
     try:
-        wait_healthy(api_url, timeout, process)
+        wait_healthy(server.api_url, timeout, process)
     except BaseException:
         server.stop()
         raise
@@ -122,12 +134,21 @@ def start_server(
     return server
 
 
-def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_healthy(
+    api_url: str,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    """Until the server answers ``/api/health``; an error if it exits first (``process``, or
+    ``alive`` for a server another process started) or is not healthy within ``timeout``."""
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=2.0) as http:
         while True:
             if process is not None and process.poll() is not None:
                 raise PrefectServerError(f"the Prefect server exited with status {process.returncode}")
+            if alive is not None and not alive():
+                raise PrefectServerError(f"the Prefect server at {api_url} exited while starting")
             try:
                 answer = http.get(f"{api_url}/health")
                 if answer.status_code == 200 and answer.json() is True:
@@ -138,7 +159,7 @@ def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] 
                 raise PrefectServerError(
                     f"the Prefect server at {api_url} was not healthy after {timeout:.0f} s"
                 )
-            time.sleep(0.25)
+            time.sleep(0.1)
 
 
 def is_healthy(api_url: str) -> bool:
@@ -195,16 +216,43 @@ class SharedServer:
     api_url: str
     said: str
     """What happened, for the terminal: started, or found (and by whom it was started)."""
+    wait: Callable[[], str]
+    """Waits until the server answers (it may still be starting); returns what to tell the terminal."""
+
+    def ready(self) -> str:
+        return self.wait()
 
 
 def _alive(pid: int) -> bool:
+    """The process is there and has not ended. One that has ended but was not reaped is not alive:
+    a server this process started (its child: reaped here), or one whose parent died in a container
+    whose init reaps nothing (a zombie for ever)."""
+    launched = _LAUNCHED.get(pid)
+    if launched is not None:
+        return launched.poll() is None  # reaps it, and its Popen knows
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: the signal said it is there
+    return state not in ("Z", "X")
+
+
+_LAUNCHED: dict[int, subprocess.Popen[bytes]] = {}
+"""The servers this process started: their ``Popen`` reaps them (a child reaped behind its back is
+reported as still running when the object goes)."""
+
+STARTING = "starting"
+UP = "up"
+STOPPING = "stopping"
 
 
 @contextmanager
@@ -215,6 +263,7 @@ def shared_server(
     port: int = 4200,
     database_url: str | None = None,
     on_start: Callable[[], None] = lambda: None,
+    timeout: float = 120.0,
 ) -> Iterator[SharedServer]:
     """Use the local Prefect server of ``home``, starting it if none runs; the last user stops it.
 
@@ -223,51 +272,120 @@ def shared_server(
     it. Processes that use it at the same time each register (``users/<pid>``); the one that leaves
     last stops it, so a rehearsal finishing never stops the server under another. A server the
     project did not start is used and left alone.
+
+    The server is not waited for here: a server being started (by this process, or by another that
+    may have died since) boots while the caller does its own start-up, and :meth:`SharedServer.ready`
+    waits for it. The record (``server.json``) says where the server is in its life: ``starting``
+    (wait for it), ``up``, ``stopping``. One that is alive but does not answer and is not starting
+    (hung, or half-stopped by a process killed as it stopped it) is replaced.
     """
     home.mkdir(parents=True, exist_ok=True)
+    (home / "users").mkdir(exist_ok=True)
+    mine = home / "users" / str(os.getpid())
     api_url = f"http://{host}:{port}/api"
-    users = home / "users"
-    users.mkdir(exist_ok=True)
-    record = home / "server.json"
-    mine = users / str(os.getpid())
     with _locked(home):
-        said = ""
-        if is_healthy(api_url):
-            found = _read(record)
-            if found is None:
-                said = f"using the Prefect server already running at {api_url} (not started by this project)"
-            elif _alive(int(found.get("started_by", 0))):
-                said = f"using the Prefect server on {host}:{port} that pid {found['started_by']} started"
-            else:
-                said = (
-                    f"found the Prefect server on {host}:{port} left running by pid {found['started_by']}, "
-                    "which is gone: using it (it is stopped by the last run that uses it)"
-                )
-        else:
-            _refuse_busy_port(host, port)
-            on_start()
-            started = start_server(home, host=host, port=port, database_url=database_url)
-            record.write_text(
-                json.dumps(
-                    {"pid": started.process.pid, "port": port, "host": host, "started_by": os.getpid()}
-                )
-            )
-            said = f"Prefect server ready on {host}:{port} in {started.started_in:.0f} s"
+        said, wait = _find_or_start(home, host, port, database_url, on_start, timeout)
         mine.write_text(str(os.getpid()))
     try:
-        yield SharedServer(api_url, said)
+        yield SharedServer(api_url, said, wait)
     finally:
         drain_clients()
         with _locked(home):
             mine.unlink(missing_ok=True)
-            others = [p for p in users.iterdir() if p.name.isdigit() and _alive(int(p.name))]
-            found = _read(record)
-            if not others and found is not None:
-                _stop_pid(int(found.get("pid", 0)))
-                record.unlink(missing_ok=True)
-            for stale in users.iterdir():
-                if stale.name.isdigit() and not _alive(int(stale.name)):
-                    stale.unlink(missing_ok=True)
+            _stop_if_last(home)
+
+
+def _find_or_start(
+    home: Path,
+    host: str,
+    port: int,
+    database_url: str | None,
+    on_start: Callable[[], None],
+    timeout: float,
+) -> tuple[str, Callable[[], str]]:
+    """Under the home's lock: what was found or done, and how to wait until the server answers."""
+    api_url = f"http://{host}:{port}/api"
+    record = home / "server.json"
+    found = _read(record)
+    pid = int(found.get("pid", 0)) if found else 0
+    if is_healthy(api_url):
+        if found is not None and found.get("state") == STARTING:
+            _write(record, {**found, "state": UP})  # its starter died before it could say so
+        if found is None:
+            said = f"using the Prefect server already running at {api_url} (not started by this project)"
+        elif _alive(int(found.get("started_by", 0))):
+            said = f"using the Prefect server on {host}:{port} that pid {found['started_by']} started"
+        else:
+            said = (
+                f"found the Prefect server on {host}:{port} left running by pid {found['started_by']}, "
+                "which is gone: using it (it is stopped by the last run that uses it)"
+            )
+        return said, lambda: said
+    booting_for = time.time() - float(found.get("since", 0)) if found else 0.0
+    if found is not None and found.get("state") == STARTING and _alive(pid) and booting_for < timeout:
+        waiting = f"the Prefect server on {host}:{port} that pid {found.get('started_by')} started"
+
+        def booted() -> str:
+            wait_healthy(api_url, timeout - booting_for, alive=lambda: _alive(pid))
+            _mark_up(home, pid)
+            return f"{waiting} is ready"
+
+        return f"{waiting} is starting", booted
+    replaced = ""
+    if found is not None and _alive(pid):
+        # Ours, alive, not answering and not starting (or starting for longer than a boot may
+        # take): hung, or left half-stopped. Nothing of it is worth a graceful stop.
+        _stop_pid(pid, timeout=0.0)
+        # Its listening socket outlives it by a moment (seen: accepting after the process was
+        # a zombie); starting at once would find the port taken.
+        _wait_port_free(host, port, within=5.0)
+        replaced = f"replaced the Prefect server pid {pid}, which did not answer; "
+    record.unlink(missing_ok=True)
+    _refuse_busy_port(host, port)
+    on_start()
+    began = time.monotonic()
+    process = launch_server(home, host=host, port=port, database_url=database_url)
+    _LAUNCHED[process.pid] = process
+    mine = {"pid": process.pid, "port": port, "host": host, "started_by": os.getpid()}
+    _write(record, {**mine, "state": STARTING, "since": time.time()})
+
+    def started() -> str:
+        wait_healthy(api_url, timeout, process)
+        _mark_up(home, process.pid)
+        return f"{replaced}Prefect server ready on {host}:{port} in {time.monotonic() - began:.0f} s"
+
+    return f"{replaced}starting the Prefect server on {host}:{port}", started
+
+
+def _stop_if_last(home: Path) -> None:
+    """Under the home's lock, as a user leaves: stop the server if no user is left."""
+    users = home / "users"
+    record = home / "server.json"
+    others = [p for p in users.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+    found = _read(record)
+    if not others and found is not None:
+        # Said first: a process killed while it stops the server leaves it marked, and the next
+        # one replaces it instead of waiting on a server that will never answer.
+        _write(record, {**found, "state": STOPPING})
+        _stop_pid(int(found.get("pid", 0)))
+        record.unlink(missing_ok=True)
+    for stale in users.iterdir():
+        if stale.name.isdigit() and not _alive(int(stale.name)):
+            stale.unlink(missing_ok=True)
+
+
+def _mark_up(home: Path, pid: int) -> None:
+    with _locked(home):
+        found = _read(home / "server.json")
+        if found is not None and found.get("pid") == pid and found.get("state") == STARTING:
+            _write(home / "server.json", {**found, "state": UP})
+
+
+def _write(record: Path, value: dict[str, Any]) -> None:
+    """Replace the record at once (a reader never sees half of it)."""
+    scratch = record.with_suffix(".tmp")
+    scratch.write_text(json.dumps(value))
+    scratch.replace(record)
 
 
 def _read(record: Path) -> dict[str, Any] | None:
@@ -278,30 +396,69 @@ def _read(record: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _refuse_busy_port(host: str, port: int) -> None:
+def _port_taken(host: str, port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(1.0)
-        if probe.connect_ex((host, port)) == 0:
-            raise PrefectServerError(
-                f"{host}:{port} is taken by something that is not a healthy Prefect server: stop it, "
-                "or choose another port with RESTORE_PREFECT_PORT"
-            )
+        return probe.connect_ex((host, port)) == 0
+
+
+def _wait_port_free(host: str, port: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while _port_taken(host, port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _refuse_busy_port(host: str, port: int) -> None:
+    if _port_taken(host, port):
+        raise PrefectServerError(
+            f"{host}:{port} is taken by something that is not a healthy Prefect server: stop it, "
+            "or choose another port with RESTORE_PREFECT_PORT"
+        )
 
 
 def _stop_pid(pid: int, timeout: float = 20.0) -> None:
-    """Stop a server started by another process of ours (its process group: the server's workers too)."""
+    """Stop a server started by another process of ours (its process group: the server's workers
+    too): SIGINT, then SIGKILL if it has not ended within ``timeout`` (0: SIGKILL at once)."""
     if pid <= 0 or not _alive(pid):
         return
-    try:
-        os.killpg(pid, signal.SIGINT)
-    except ProcessLookupError:
+    if timeout > 0 and _signal_group(pid, signal.SIGINT) and _ended(pid, timeout):
         return
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+    if _signal_group(pid, signal.SIGKILL):
+        _ended(pid, 5.0)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> bool:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _ended(pid: int, within: float) -> bool:
+    """Whether the process group led by ``pid`` has ended within ``within`` seconds: all of it, as
+    a member left running would still hold the server's port."""
+    deadline = time.monotonic() + within
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _group_alive(pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    if _alive(pgid):
+        return True
+    try:
+        stats = [entry / "stat" for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    except OSError:
+        return False  # no /proc: the leader is all that can be seen
+    for stat in stats:
+        try:
+            state, _ppid, group = stat.read_text().rpartition(")")[2].split()[:3]
+        except (OSError, ValueError):
+            continue  # ended while looking
+        if int(group) == pgid and state not in ("Z", "X"):
+            return True
+    return False
 
 
 @contextmanager
