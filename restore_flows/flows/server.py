@@ -8,7 +8,6 @@ recorded in seconds, not minutes.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 
 from restore_flows.errors import RestoreError
+from restore_flows.ledger.liveness import process_alive
 from restore_flows.offline import CLIENT_ENV, server_env
 
 TUNED_SERVER_ENV: Mapping[str, str] = {
@@ -224,26 +224,11 @@ class SharedServer:
 
 
 def _alive(pid: int) -> bool:
-    """The process is there and has not ended. One that has ended but was not reaped is not alive:
-    a server this process started (its child: reaped here), or one whose parent died in a container
-    whose init reaps nothing (a zombie for ever)."""
+    """The process is there and has not ended (a zombie has ended: see ``process_alive``)."""
     launched = _LAUNCHED.get(pid)
     if launched is not None:
         return launched.poll() is None  # reaps it, and its Popen knows
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc: the signal said it is there
-    return state not in ("Z", "X")
+    return process_alive(pid)
 
 
 _LAUNCHED: dict[int, subprocess.Popen[bytes]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import Table, func, or_, select
@@ -31,13 +32,24 @@ def dead_here(process: str | None) -> bool:
     machine, _, pid = process.rpartition(":")
     if machine != socket.gethostname() or not pid.isdigit():
         return False
+    return not process_alive(int(pid))
+
+
+def process_alive(pid: int) -> bool:
+    """The process is there and has not ended. One that has ended but was never reaped (a zombie,
+    for ever where init reaps nothing, as in some containers) has ended, though ``kill(pid, 0)``
+    still finds it."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:  # someone else's process: alive
         return False
-    return False
+    except PermissionError:  # someone else's process: there
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc to ask: the signal said it is there
+    return state not in ("Z", "X")
 
 
 def dead_runs(now: dt.datetime, stale_seconds: float) -> Any:

@@ -4,14 +4,18 @@ On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select, update
 
 from restore_flows.errors import LeaseHeld, LeaseLost
+from restore_flows.ledger.liveness import process_alive
 from restore_flows.ledger.pools import CLAIMS, Request
 from restore_flows.ledger.repository import RUNS, Ledger
 from restore_flows.planning import Plan
@@ -87,6 +91,27 @@ def test_a_run_whose_process_is_gone_on_this_machine_is_dead_at_once(clocked: tu
     assert ledger.acquire(HOST, other, seconds=300).run_id == other
     assert ledger.run(run).outcome == "crashed"  # said so by the run that took the host over
     assert ledger.reap() == []
+
+
+def test_a_run_whose_process_ended_unreaped_is_dead_at_once(clocked: tuple[Ledger, Clock]) -> None:
+    """A killed CLI whose parent died first stays a zombie for ever where init reaps nothing (some
+    containers): ``kill(pid, 0)`` still finds it, yet it has ended."""
+    ledger, _ = clocked
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            time.sleep(0.01)  # not a timing: until the child has exited, unreaped
+        assert not process_alive(zombie.pid)
+        assert process_alive(os.getpid())
+        run = ledger.start_run("rehearsal", "icu", "a")
+        with ledger._engine.begin() as db:
+            db.execute(update(RUNS).where(RUNS.c.id == run).values(process=f"{_machine()}:{zombie.pid}"))
+        ledger.acquire(HOST, run, seconds=300)
+        other = ledger.start_run("rehearsal", "icu", "b")
+        assert not ledger.run(run).alive
+        assert ledger.acquire(HOST, other, seconds=300).run_id == other
+    finally:
+        zombie.wait()
 
 
 def test_a_dead_runs_pool_slots_are_given_back_at_once(clocked: tuple[Ledger, Clock], engine: Engine) -> None:
