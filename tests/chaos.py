@@ -759,7 +759,9 @@ def postgres_campaign(
                     mode="rehearsal",
                     actor="chaos",
                     approver=Automatic(),
-                    settings=CampaignSettings(retries=Retries(backoff_minutes=(0.0,))),
+                    # Zero-duration stages: the procedure steps' waits (krbtgt's 10 h) shrink with
+                    # them, as in a rehearsal at time scale 0; at pace 1 the campaign waits 10 h.
+                    settings=CampaignSettings(retries=Retries(backoff_minutes=(0.0,)), pace=0.0),
                 )
             series.retries.update(retried)
             not_online = [p for p in summary.hosts.values() if p.status is not Status.ONLINE]
@@ -804,7 +806,10 @@ from tests.chaos import counting_retries
 logging.basicConfig(level=logging.ERROR)
 the_plan = plan(load_estate(Path(sys.argv[1])))
 ledger = Ledger(make_engine(sys.argv[2], busy_timeout_ms=int(sys.argv[4])))
-settings = CampaignSettings(retries=Retries(backoff_minutes=(0.0,)), poll_seconds=float(sys.argv[5]))
+# Zero-duration stages, and so zero waits between procedure steps (pace 0, as a rehearsal at time scale 0).
+settings = CampaignSettings(
+    retries=Retries(backoff_minutes=(0.0,)), poll_seconds=float(sys.argv[5]), pace=0.0
+)
 with counting_retries() as retried:
     _, summary = run_campaign(ledger, the_plan, SimulatedFleet(), Selection((sys.argv[3],)),
         mode="rehearsal", actor="contender", approver=Automatic(), settings=settings)
