@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from restore_flows.errors import RestoreError
-from restore_flows.ledger.liveness import process_alive
+from restore_flows.ledger.liveness import group_alive, process_alive
 from restore_flows.offline import CLIENT_ENV, server_env
 
 TUNED_SERVER_ENV: Mapping[str, str] = {
@@ -216,11 +216,13 @@ class SharedServer:
     api_url: str
     said: str
     """What happened, for the terminal: started, or found (and by whom it was started)."""
-    wait: Callable[[], str]
+    ready: Callable[[], str]
     """Waits until the server answers (it may still be starting); returns what to tell the terminal."""
 
-    def ready(self) -> str:
-        return self.wait()
+
+_LAUNCHED: dict[int, subprocess.Popen[bytes]] = {}
+"""The servers this process started: their ``Popen`` reaps them (a child reaped behind its back is
+reported as still running when the object goes)."""
 
 
 def _alive(pid: int) -> bool:
@@ -230,10 +232,6 @@ def _alive(pid: int) -> bool:
         return launched.poll() is None  # reaps it, and its Popen knows
     return process_alive(pid)
 
-
-_LAUNCHED: dict[int, subprocess.Popen[bytes]] = {}
-"""The servers this process started: their ``Popen`` reaps them (a child reaped behind its back is
-reported as still running when the object goes)."""
 
 STARTING = "starting"
 UP = "up"
@@ -430,20 +428,7 @@ def _ended(pid: int, within: float) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
-    if _alive(pgid):
-        return True
-    try:
-        stats = [entry / "stat" for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-    except OSError:
-        return False  # no /proc: the leader is all that can be seen
-    for stat in stats:
-        try:
-            state, _ppid, group = stat.read_text().rpartition(")")[2].split()[:3]
-        except (OSError, ValueError):
-            continue  # ended while looking
-        if int(group) == pgid and state not in ("Z", "X"):
-            return True
-    return False
+    return _alive(pgid) or group_alive(pgid)  # the leader first: a server of ours is reaped
 
 
 @contextmanager

@@ -45,11 +45,33 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: there
         pass
+    fields = _stat(Path(f"/proc/{pid}/stat"))
+    return fields is None or fields[0] not in _ENDED  # no /proc to ask: the signal said it is there
+
+
+def group_alive(pgid: int) -> bool:
+    """A process of the group ``pgid`` has not ended (its leader, or any member still running)."""
+    if process_alive(pgid):
+        return True
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc to ask: the signal said it is there
-    return state not in ("Z", "X")
+        stats = [entry / "stat" for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    except OSError:
+        return False  # no /proc: the leader is all that can be seen
+    return any(
+        fields is not None and fields[0] not in _ENDED and fields[2] == str(pgid)
+        for fields in map(_stat, stats)
+    )
+
+
+_ENDED = ("Z", "X")  # zombie, dead
+
+
+def _stat(path: Path) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command's name: state, ppid, pgrp, ..."""
+    try:
+        return path.read_text().rpartition(")")[2].split() or None
+    except OSError:
+        return None  # ended while looking, or no /proc
 
 
 def dead_runs(now: dt.datetime, stale_seconds: float) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from restore_flows.flows.server import is_healthy, shared_server, wait_healthy
+from restore_flows.ledger.liveness import process_alive as _alive
 from tests.chaos import free_port
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,16 +24,6 @@ def _record(home: Path) -> dict[str, object]:
     value = json.loads((home / "server.json").read_text())
     assert isinstance(value, dict)
     return value
-
-
-def _alive(pid: int) -> bool:
-    """Running, stopped or sleeping; not ended. A killed server whose parent died first is left a
-    zombie where init reaps nothing (some containers): ended, though ``kill(pid, 0)`` still finds it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _killed_while_starting(home: Path, port: int) -> None:
