@@ -135,6 +135,12 @@ class SimulatedFleet:
             factor += self.noise * (2.0 * self._draw(host, stage, attempt, "noise") - 1.0)
         return planned_minutes(host, stage) * 60 * self.time_scale * factor
 
+    def attempts_before(self, host: str, stage: Stage, done: int) -> None:
+        """``done`` attempts of this stage were made elsewhere (another process of the run, as a
+        site's session is): the draws go on from the next, as one fleet would have drawn them."""
+        with self._lock:
+            self._attempts[(host, stage)] = done
+
     def _work(self, host: Host, stage: Stage) -> int:
         with self._lock:
             attempt = self._attempts.get((host.name, stage), 0) + 1

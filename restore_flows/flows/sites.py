@@ -36,11 +36,13 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
@@ -74,7 +76,7 @@ from restore_flows.execution.stages import StageResult, StageRunner
 from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.loader import load_estate
 from restore_flows.inventory.models import Stage
-from restore_flows.ledger.orders import OrderRecord, OrderState
+from restore_flows.ledger.orders import OrderRecord, OrderState, Outgoing
 from restore_flows.ledger.repository import Ledger
 from restore_flows.scheduling.clock import Outcome, Result
 from restore_flows.settings import Settings
@@ -248,6 +250,7 @@ def run_session(
             return stage
 
         while True:
+            wake.clear()  # before looking: a stage that ends from now on wakes the wait below
             with lock:
                 free = params.threads - len(in_flight)
             orders = ledger.orders.take(params.run_id, params.site, session, free)
@@ -256,14 +259,13 @@ def run_session(
                     in_flight.add(order.id)
                 ran += 1
                 submit(f"{order.stage} {order.host}", work(order))
-            if orders:
-                continue
+            if orders and len(orders) == free:
+                continue  # there may be more; otherwise wait for a stage to end, or the next look
             with lock:
                 idle = not in_flight
             if idle and not ledger.orders.run_alive(params.run_id):
                 return ran
             wake.wait(poll_seconds)
-            wake.clear()
 
 
 def _run_order(
@@ -276,8 +278,7 @@ def _run_order(
     stage = Stage(order.stage)
     if isinstance(fleet, SimulatedFleet):
         # The fleet draws failures per attempt: continue the count the ledger has.
-        done = [a for a in ledger.history(host.name).attempts if a.stage == stage.value]
-        fleet._attempts[(host.name, stage)] = len(done)
+        fleet.attempts_before(host.name, stage, ledger.attempt_count(host.name, stage.value))
     try:
         return runner.run(host, stage, lambda: order.claims)
     except Exception as exc:  # a bug, or the ledger gone past its retries: this stage only
@@ -317,6 +318,14 @@ def restore_site(params: SessionParameters) -> State[Any]:
 # -- the pool, its queues and the session deployment ----------------------------------------------
 
 
+SESSION_COMMAND = "python -m prefect.engine"
+"""How a worker starts a session's process. Named, so that the worker starts the engine itself:
+without a command, Prefect's process worker puts a workspace supervisor (a Python process of its own,
+importing Prefect) in front of each flow run, which doubled the CPU a session costs to start and
+made 20 sessions starting together on one machine take 100 s. ``python`` is the worker's own
+interpreter: :func:`worker_env` puts it first on the worker's PATH."""
+
+
 def session_deployment() -> RunnerDeployment:
     """``restore-site`` on the sites' pool, imported by module path: a worker with the package
     installed runs it from any directory."""
@@ -328,6 +337,7 @@ def session_deployment() -> RunnerDeployment:
             tags=["restore", "site"],
             work_pool_name=POOL,
             entrypoint_type=EntrypointType.MODULE_PATH,
+            job_variables={"command": SESSION_COMMAND},
         ),
     )
 
@@ -378,14 +388,19 @@ def worker_env(
     """A worker's environment: its sites, its settings made absolute (its stage processes start in a
     directory of their own), quick polling and heartbeats, and nothing that calls out."""
     env = dict(os.environ if base is None else base)
+    path = [str(Path(sys.executable).parent), *(p for p in env.get("PATH", "").split(os.pathsep) if p)]
     env.update(
         {
+            "PATH": os.pathsep.join(dict.fromkeys(path)),  # SESSION_COMMAND's python: this one
             SITES_ENV: ",".join(sites),
             "RESTORE_INVENTORY": str(settings.inventory.resolve()),
             "RESTORE_DATA_DIR": str(settings.data_dir.resolve()),
             "PREFECT_WORKER_QUERY_SECONDS": f"{poll_seconds:g}",
             "PREFECT_WORKER_HEARTBEAT_SECONDS": f"{max(1.0, poll_seconds):g}",
             "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+            # A server that answers 500 for a moment (its database connections all busy while many
+            # sessions start at once) must not crash a session as it starts: ask again, as for 503.
+            "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         }
@@ -417,9 +432,6 @@ def crash_left_runs(client: SyncPrefectClient, sites: Sequence[str]) -> int:
 def exec_worker(sites: Sequence[str], settings: Settings, *, name: str | None = None, limit: int = 8) -> None:
     """Become the worker of these sites (``restore worker``): pool, queues and deployment made sure
     of, sessions left by a previous worker marked Crashed, then ``prefect worker start``."""
-    import sys
-    from pathlib import Path
-
     env = worker_env(sites, settings, settings.worker_poll_seconds)
     os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
     with get_client(sync_client=True) as client:
@@ -486,8 +498,13 @@ class SiteExecutor:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _starting: threading.Lock = field(default_factory=threading.Lock, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
-    _thread: threading.Thread | None = field(default=None, init=False)
+    _threads: list[threading.Thread] = field(default_factory=list, init=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
+    _outbox: list[_Sent] = field(default_factory=list, init=False)
+    """Stages the campaign started, not yet sent: the sender sends all that wait at once."""
+    _mail: threading.Event = field(default_factory=threading.Event, init=False)
+    _closing: threading.Event = field(default_factory=threading.Event, init=False)
+    _sender: threading.Thread | None = field(default=None, init=False)
     _deployment: UUID | None = field(default=None, init=False)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context, init=False)
     _local: threading.local = field(default_factory=threading.local, init=False)
@@ -507,10 +524,17 @@ class SiteExecutor:
         # The threads talk to the server this caller's Prefect settings name (a flow run's, a test's).
         self._context = contextvars.copy_context()
         self._pool = ThreadPoolExecutor(self.submitters, thread_name_prefix="site-submit")
-        self._thread = threading.Thread(
-            target=self._context.copy().run, args=(self._watch,), name="site-executor", daemon=True
+        # Three threads, so that a slow Prefect server (many sessions starting at once on a small
+        # machine) delays neither the orders going out nor the results coming back: both go through
+        # the ledger only; the sessions and the sites' workers are looked at on the server.
+        for name, loop in (("sites", self._watch), ("answers", self._watch_answers)):
+            thread = threading.Thread(target=self._context.copy().run, args=(loop,), name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self._sender = threading.Thread(
+            target=self._context.copy().run, args=(self._send_loop,), name="site-sender", daemon=True
         )
-        self._thread.start()
+        self._sender.start()
         return self
 
     # The Executor protocol: a site executor cannot ship an in-process ``work``.
@@ -531,26 +555,49 @@ class SiteExecutor:
             # Nothing is sent or held: the claims go back with this outcome, and the host is tried again.
             deliver(Outcome(order.start.host, Result.MOVED, None, error=status.why()))
             return
+        assert self._sender is not None, "open() the executor first"
         sent = _Sent(order, deliver, tuple(order.claims()))
-        assert self._pool is not None, "open() the executor first"
-        self._pool.submit(self._context.copy().run, self._send, sent)
+        with self._lock:
+            self._outbox.append(sent)
+        self._mail.set()
 
-    def _send(self, sent: _Sent) -> None:
-        order = sent.order
-        try:
-            self._session(order.host.site, order.run_id)
+    def _send_loop(self) -> None:
+        while True:
+            self._mail.wait(self.poll_seconds)
+            self._mail.clear()
+            with self._lock:
+                batch, self._outbox = self._outbox, []
+            if batch:
+                self._send(batch)
+            elif self._closing.is_set():
+                return
+
+    def _send(self, batch: list[_Sent]) -> None:
+        """These stages into the ledger in one statement (a campaign starts hundreds at once), then a
+        session for each site that has none: the orders wait for it there."""
+        outgoing = []
+        for sent in batch:
+            order = sent.order
             assert isinstance(order.start.stage, Stage)
-            order_id = self.ledger.orders.send(
-                order.run_id, order.host.site, order.host.name, order.start.stage.value, sent.claims
+            outgoing.append(
+                Outgoing(order.run_id, order.host.site, order.host.name, order.start.stage.value, sent.claims)
             )
-        except Exception as exc:  # the server or the ledger unreachable: not started; try again later
-            log.warning("could not send %s %s to its site", order.start.stage, order.host.name, exc_info=True)
-            self.ledger.slots.release(sent.claims)
-            sent.deliver(Outcome(order.start.host, Result.MOVED, None, error=f"not sent: {exc}"))
+        try:
+            ids = self.ledger.orders.send_all(outgoing)
+        except Exception as exc:  # the ledger unreachable: not started; tried again later
+            log.warning("could not send %d stage(s) to their sites", len(batch), exc_info=True)
+            for sent in batch:
+                self.ledger.slots.release(sent.claims)
+                sent.deliver(Outcome(sent.order.start.host, Result.MOVED, None, error=f"not sent: {exc}"))
             return
         with self._lock:
-            self._sent[order_id] = sent
-            self.submitted += 1
+            self._sent.update(zip(ids, batch, strict=True))
+            self.submitted += len(batch)
+        for site, run_id in sorted({(s.order.host.site, s.order.run_id) for s in batch}):
+            try:
+                self._session(site, run_id)
+            except Exception:  # the server unreachable for a moment: the watch starts it (_orphans)
+                log.warning("could not start the session of site %s", site, exc_info=True)
 
     def _session(self, site: str, run_id: str) -> UUID:
         """The site's session of this run, started on the site's queue if it has none."""
@@ -585,11 +632,15 @@ class SiteExecutor:
     def close(self) -> None:
         """Stop watching once every stage sent has come back (the campaign has delivered them all).
         The sessions end by themselves once the campaign's run has ended."""
+        self._closing.set()
+        self._mail.set()
+        if self._sender is not None:
+            self._sender.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
         for client in self._clients:
             client.__exit__(None, None, None)
         self._clients.clear()
@@ -611,10 +662,16 @@ class SiteExecutor:
             try:
                 self._refresh_sites()
                 self._check_sessions()
-                self._check_answers()
                 self._orphans()
             except Exception:  # the server or the ledger unreachable for a moment: the next look tries again
-                log.warning("could not read the site sessions' orders", exc_info=True)
+                log.warning("could not look at the sites' workers and sessions", exc_info=True)
+
+    def _watch_answers(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self._check_answers()
+            except Exception:  # the ledger unreachable for a moment: the next look tries again
+                log.warning("could not read the site sessions' answers", exc_info=True)
 
     def _refresh_sites(self) -> None:
         client = self._client()
@@ -713,6 +770,8 @@ class SiteExecutor:
         if not ids:
             return
         dropped = self.ledger.orders.drop(ids)
+        if dropped:
+            log.warning("%s: %d stage(s) withdrawn from its session, sent again", why, len(dropped))
         for record in dropped:
             with self._lock:
                 sent = self._sent.pop(record.id, None)

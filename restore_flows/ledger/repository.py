@@ -888,6 +888,13 @@ class Ledger:
         return History(host, transitions, attempts, evidence, approvals)
 
     @retried
+    def attempt_count(self, host: str, stage: str) -> int:
+        """How many attempts of this stage the host has had, in any run."""
+        with self._reader.connect() as db:
+            query = select(func.count()).where(ATTEMPTS.c.host == host, ATTEMPTS.c.stage == stage)
+            return int(db.execute(query).scalar_one())
+
+    @retried
     def interrupted(self) -> list[tuple[str, str]]:
         """(host, stage) of hosts left mid-stage with no live lease: resume must resolve them."""
         now = self._clock()

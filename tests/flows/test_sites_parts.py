@@ -5,14 +5,19 @@ its orders through the ledger."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from restore_flows.drivers.fake import draw
 from restore_flows.execution.stages import StageResult
 from restore_flows.flows.sites import (
+    SESSION_COMMAND,
     SITES_ENV,
     SessionParameters,
     SessionRefused,
@@ -20,8 +25,10 @@ from restore_flows.flows.sites import (
     decode,
     encode,
     run_session,
+    session_deployment,
     shown_url,
     sites_of_worker,
+    worker_env,
 )
 from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import make_engine, upgrade
@@ -162,3 +169,56 @@ def test_a_session_runs_its_site_s_orders_and_ends_with_its_run(
     assert (attempt.stage, attempt.executed_by) == ("wipe", "arl@vm")
     assert ledger.states(["ws-bas-1"]) == {"ws-bas-1": HostState.COMPROMISED}  # not touched
     engine.dispose()
+
+
+def test_a_session_s_fleet_goes_on_from_the_attempts_the_ledger_has(
+    tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each session draws its simulated failures afresh: it must go on from the host's attempts so far,
+    # or a rehearsal through the sites would fail each host's stage the same way on every attempt.
+    seed = next(
+        s
+        for s in range(1_000)
+        if draw(s, "ws-arl-1", "wipe", 1, "fail") < 0.5 <= draw(s, "ws-arl-1", "wipe", 2, "fail")
+    )
+    inventory = write_inventory(estate=ESTATE)
+    settings = Settings(inventory=inventory, data_dir=tmp_path)
+    url = settings.ledger_url(rehearsal=True)
+    engine = make_engine(url)
+    upgrade(engine)
+    ledger = Ledger(engine)
+    estate = load_estate(inventory)
+    ledger.sync_inventory(estate, plan(estate))
+    monkeypatch.setenv(SITES_ENV, "arl")
+    results: list[StageResult | None] = []
+    for attempt in (1, 2):  # two runs, one after the other: a session each
+        run = ledger.start_run("rehearsal", "campaign", "test")
+        ledger.record_approval(run, "rest", ["ws-arl-1"], "Dr. Approver", "1 host")
+        order = ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
+
+        def submit(label: str, work: Callable[[], None], run: str = run) -> None:
+            work()
+            ledger.finish_run(run, "completed")
+
+        params = _params(ledger=shown_url(url), run_id=run, fail_rate=0.5, seed=seed)
+        run_session(
+            params, settings, session=f"s{attempt}", executed_by="arl@vm", submit=submit, poll_seconds=0.05
+        )
+        [answer] = ledger.orders.answered([order])
+        results.append(decode(answer.result))
+
+    assert [r.state if r else None for r in results] == [HostState.WIPE_FAILED, HostState.WIPED]
+    assert ledger.attempt_count("ws-arl-1", "wipe") == 2
+    engine.dispose()
+
+
+def test_a_worker_starts_its_sessions_with_its_own_python() -> None:
+    # The deployment names the command, so Prefect starts no workspace supervisor before each session;
+    # "python" in it must be the worker's interpreter whatever PATH the worker was started with.
+    env = worker_env(["arl"], Settings(), 1.0, base={"PATH": "/usr/bin:/bin"})
+    command = session_deployment().job_variables["command"]
+    assert command == SESSION_COMMAND
+    found = shutil.which(command.split()[0], path=env["PATH"])
+    assert found is not None
+    assert Path(found).parent == Path(sys.executable).parent
+    assert env["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]

@@ -3,7 +3,7 @@ without losing a result that came first; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from restore_flows.ledger.orders import OrderState
+from restore_flows.ledger.orders import OrderState, Outgoing
 from restore_flows.ledger.repository import Ledger
 
 
@@ -51,3 +51,20 @@ def test_a_session_waits_for_orders_while_its_run_lives(ledger: Ledger) -> None:
     assert ledger.orders.run_alive(run)
     ledger.finish_run(run, "completed")
     assert not ledger.orders.run_alive(run)
+
+
+def test_stages_sent_together_are_queued_each_with_its_id(ledger: Ledger) -> None:
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    other = ledger.start_run("rehearsal", "campaign", "test")
+    hosts = [Outgoing(run, "arl", f"ws-arl-{n}", "wipe", (n,)) for n in (1, 2, 3)]
+    ids = ledger.orders.send_all([*hosts, Outgoing(other, "bas", "ws-bas-1", "reimage", ())])
+    assert len(set(ids)) == 4
+    taken = ledger.orders.take(run, "arl", "s1", limit=10)
+    assert [(o.id, o.host, o.claims) for o in taken] == [
+        (ids[0], "ws-arl-1", (1,)),
+        (ids[1], "ws-arl-2", (2,)),
+        (ids[2], "ws-arl-3", (3,)),
+    ]
+    [theirs] = ledger.orders.take(other, "bas", "s2", limit=10)
+    assert (theirs.id, theirs.run_id, theirs.stage) == (ids[3], other, "reimage")
+    assert ledger.orders.send_all([]) == []
