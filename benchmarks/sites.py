@@ -20,6 +20,7 @@ through Prefect with a flow run per site, against today's single process.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import signal
 import socket
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import httpx
 from estates import copies
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from restore_flows.drivers.fake import SimulatedFleet
@@ -43,6 +44,7 @@ from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
+from restore_flows.ledger.tables import StageOrderRow
 from restore_flows.planning import Plan, plan
 from restore_flows.scheduling.forecast import forecast
 from restore_flows.scheduling.runner import Retries
@@ -212,11 +214,12 @@ def per_site(the_plan: Plan, names: list[str], ledger_url: str, api_url: str) ->
     """(b) the site mode: one campaign here, each stage a task run of its site's session flow run."""
     from restore_flows.flows.sites import SiteExecutor
 
-    engine = make_engine(ledger_url, pool_size=8)  # PostgreSQL's 100 connections: see rehearsal()
+    engine = make_engine(ledger_url, pool_size=8, max_overflow=0)  # 100 connections: see rehearsal()
     upgrade(engine)
     ledger = Ledger(engine)
     ledger.sync_inventory(the_plan.estate, the_plan)
-    executor = SiteExecutor(ledger, ledger_url, rehearsal=True, silent_seconds=60, poll_seconds=0.25)
+    # No worker is stopped here: one whose heartbeats a busy server records late is not lost.
+    executor = SiteExecutor(ledger, ledger_url, rehearsal=True, silent_seconds=300, poll_seconds=0.25)
     executor.open(names)
     started = time.perf_counter()
     _, summary = run_campaign(
@@ -231,7 +234,7 @@ def per_site(the_plan: Plan, names: list[str], ledger_url: str, api_url: str) ->
         executor=executor,
     )
     elapsed = time.perf_counter() - started
-    engine.dispose()
+    ended = dt.datetime.now(dt.UTC)
     assert summary.ok, [(p.host, p.error, p.reason) for p in summary.hosts.values()][:3]
     sessions = [str(s) for s in executor.sessions]
     nodes = _largest(api_url, sessions)
@@ -241,7 +244,33 @@ def per_site(the_plan: Plan, names: list[str], ledger_url: str, api_url: str) ->
         f"runs, the largest {nodes} task runs",
         flush=True,
     )
+    _steady(api_url, sessions, engine, ended - dt.timedelta(seconds=elapsed), ended)
+    engine.dispose()
     return elapsed
+
+
+def _steady(
+    api_url: str, sessions: list[str], engine: Engine, began: dt.datetime, ended: dt.datetime
+) -> None:
+    """Where (2b)'s time went: until the last session flow run was running (a process each on its
+    worker, started one after another), then the stages per second once every site had its session."""
+    with httpx.Client(base_url=api_url, timeout=60) as http:
+        runs = http.post("/flow_runs/filter", json={"flow_runs": {"id": {"any_": sessions}}}).json()
+    starts = [dt.datetime.fromisoformat(r["start_time"]) for r in runs if r.get("start_time")]
+    if len(starts) < len(sessions):
+        return
+    last = max(starts)
+    with engine.connect() as db:
+        after = db.execute(
+            select(func.count()).select_from(StageOrderRow).where(StageOrderRow.updated_at >= last)
+        ).scalar_one()
+    steady = (ended - last).total_seconds()
+    print(
+        f"     sessions: the first running after {(min(starts) - began).total_seconds():.1f} s, the last "
+        f"after {(last - began).total_seconds():.1f} s; from then {after} stages in {steady:.1f} s = "
+        f"{after / max(steady, 1e-9):.1f} stages/s",
+        flush=True,
+    )
 
 
 def rehearsal(sites: int, hosts: int, per_worker: int, scratch: Path, skip_one_flow: bool) -> None:
@@ -255,10 +284,11 @@ def rehearsal(sites: int, hosts: int, per_worker: int, scratch: Path, skip_one_f
     ledger_b, _ = _database(f"restore_bench_b_{tag}")
     _, prefect_db = _database(f"restore_bench_prefect_{tag}")
     workers: list[subprocess.Popen[bytes]] = []
-    # PostgreSQL's 100 connections, shared: the server 10 at most, the scheduler 16, each of the
-    # sites' sessions 1 (RESTORE_SITE_SESSION_POOL below).
+    # PostgreSQL's 100 connections, shared: the server 20 at most, the scheduler 8, each of the
+    # sites' sessions 1 (RESTORE_SITE_SESSION_POOL below). With 10, the server ran out of them
+    # while 60 sessions started together, and answered 500 for 30 s.
     os.environ["PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"] = "5"
-    os.environ["PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW"] = "5"
+    os.environ["PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW"] = "15"
     try:
         with running_server(scratch / "prefect", port=_port(), database_url=prefect_db) as server:
             os.environ.update(client_settings(server.api_url, server.home))
