@@ -568,7 +568,10 @@ class SiteExecutor:
             with self._lock:
                 batch, self._outbox = self._outbox, []
             if batch:
-                self._send(batch)
+                try:
+                    self._send(batch)
+                except Exception:  # a bug: say so, and go on sending (a dead sender would stall all)
+                    log.exception("sending %d stage(s) to their sites", len(batch))
             elif self._closing.is_set():
                 return
 
@@ -586,8 +589,11 @@ class SiteExecutor:
             ids = self.ledger.orders.send_all(outgoing)
         except Exception as exc:  # the ledger unreachable: not started; tried again later
             log.warning("could not send %d stage(s) to their sites", len(batch), exc_info=True)
+            try:
+                self.ledger.slots.release([c for sent in batch for c in sent.claims])
+            except Exception:  # still unreachable: the claims end with the run's lease
+                log.warning("could not give back the claims of %d unsent stage(s)", len(batch), exc_info=True)
             for sent in batch:
-                self.ledger.slots.release(sent.claims)
                 sent.deliver(Outcome(sent.order.start.host, Result.MOVED, None, error=f"not sent: {exc}"))
             return
         with self._lock:
