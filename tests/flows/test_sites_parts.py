@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
-from restore_flows.drivers.fake import draw
 from restore_flows.execution.stages import StageResult
 from restore_flows.flows.sites import (
     SESSION_COMMAND,
@@ -34,6 +34,7 @@ from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import plan
+from restore_flows.scheduling.durations import draw
 from restore_flows.settings import Settings
 from restore_flows.states import HostState
 from tests.conftest import WriteInventory
@@ -124,9 +125,8 @@ def test_a_worker_refuses_the_session_of_another_site(
     assert not (tmp_path / "rehearsal.sqlite3").exists()
 
 
-def test_a_session_runs_its_site_s_orders_and_ends_with_its_run(
-    tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _ledger(tmp_path: Path, write_inventory: WriteInventory) -> tuple[Settings, str, Engine, Ledger]:
+    """The rehearsal ledger of ESTATE, migrated and synced: (settings, its URL, engine, ledger)."""
     inventory = write_inventory(estate=ESTATE)
     settings = Settings(inventory=inventory, data_dir=tmp_path)
     url = settings.ledger_url(rehearsal=True)
@@ -135,6 +135,13 @@ def test_a_session_runs_its_site_s_orders_and_ends_with_its_run(
     ledger = Ledger(engine)
     estate = load_estate(inventory)
     ledger.sync_inventory(estate, plan(estate))
+    return settings, url, engine, ledger
+
+
+def test_a_session_runs_its_site_s_orders_and_ends_with_its_run(
+    tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
     run = ledger.start_run("rehearsal", "campaign", "test")
     ledger.record_approval(run, "rest", ["ws-arl-1"], "Dr. Approver", "1 host")
     mine = ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
@@ -181,14 +188,7 @@ def test_a_session_s_fleet_goes_on_from_the_attempts_the_ledger_has(
         for s in range(1_000)
         if draw(s, "ws-arl-1", "wipe", 1, "fail") < 0.5 <= draw(s, "ws-arl-1", "wipe", 2, "fail")
     )
-    inventory = write_inventory(estate=ESTATE)
-    settings = Settings(inventory=inventory, data_dir=tmp_path)
-    url = settings.ledger_url(rehearsal=True)
-    engine = make_engine(url)
-    upgrade(engine)
-    ledger = Ledger(engine)
-    estate = load_estate(inventory)
-    ledger.sync_inventory(estate, plan(estate))
+    settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
     monkeypatch.setenv(SITES_ENV, "arl")
     results: list[StageResult | None] = []
     for attempt in (1, 2):  # two runs, one after the other: a session each
