@@ -147,6 +147,14 @@ class Settings(BaseSettings):
         le=512,
         description="Stages a site's session runs at once (each waits on its BMC or SSH, not on the CPU).",
     )
+    site_session_patience_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "How long a site's session waits for a campaign the ledger no longer hears from (its "
+            "process starved of CPU or restarting) before it ends; a campaign that ended ends it at once."
+        ),
+    )
     site_session_pool: int = Field(
         default=2,
         ge=1,

@@ -484,6 +484,7 @@ def _executor(params: _Common, context: Context, the_plan: Plan, hosts: Sequence
         ),
         silent_seconds=settings.site_silent_seconds,
         threads=settings.site_session_threads,
+        session_patience=settings.site_session_patience_seconds,
     )
     return executor.open({the_plan.estate.hosts[n].site for n in hosts})
 

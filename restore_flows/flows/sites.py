@@ -15,11 +15,14 @@ while one campaign (one scheduler, the ledger's pools and priorities) decides ce
 
 So a site's flow run holds that site's task runs only (the Prefect UI draws a run of up to 10,000),
 and a stage costs a task run, not a process. The session ends when the campaign's run has ended or
-is no longer heard from.
+has not been heard from for ``patience_seconds`` (minutes, not the ledger's 30 s: a campaign process
+short of CPU must not find its sessions gone).
 
-A site whose worker has not been heard from (queue polled, heartbeat) for ``silent_seconds`` has no
-worker: its stages are not sent (each host waits, saying "site arl: no worker since 03:41"), nothing
-is held for them, and every other site goes on. Its session is marked Crashed (and so is one a worker
+A site whose worker has not been heard from (queue polled, heartbeat: on the Prefect server) and
+whose session has not greeted the ledger for ``silent_seconds`` has no worker (a server too busy to
+record polls is no reason to withdraw a working site's stages and load it further): its stages are
+not sent (each host waits, saying "site arl: no worker since 03:41"), nothing is held for them, and
+every other site goes on. Its session is marked Crashed (and so is one a worker
 finds left Running when it starts again: one worker per site) and its open orders are dropped; once a
 worker is back, a new session starts and the stages are sent again: the ledger shows a host mid-stage,
 and the stage is resolved from the host's facts (done, or started again) under a new fencing token
@@ -34,6 +37,7 @@ import contextvars
 import datetime as dt
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -41,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -108,6 +112,17 @@ class SessionParameters(BaseModel):
     duration_noise: float = Field(default=0.0, ge=0, le=0.9)
     seed: int = 0
     broken_hosts: list[str] = Field(default_factory=list)
+    greet_seconds: float = Field(
+        default=5.0, gt=0, description="How often the session tells the ledger it is alive and taking orders."
+    )
+    patience_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "How long the session waits for a campaign run the ledger no longer hears from (its process "
+            "starved or restarting) before it ends; a run that has ended ends it at once."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -249,7 +264,11 @@ def run_session(
 
             return stage
 
+        greeted = -math.inf
         while True:
+            if time.monotonic() - greeted >= params.greet_seconds:
+                ledger.orders.greet(params.run_id, params.site, session, executed_by)
+                greeted = time.monotonic()
             wake.clear()  # before looking: a stage that ends from now on wakes the wait below
             with lock:
                 free = params.threads - len(in_flight)
@@ -263,7 +282,9 @@ def run_session(
                 continue  # there may be more; otherwise wait for a stage to end, or the next look
             with lock:
                 idle = not in_flight
-            if idle and not ledger.orders.run_alive(params.run_id):
+            # Not the ledger's 30 s for a dead run: a campaign process starved of CPU (60 sessions starting on
+            # a small machine) can miss its heartbeat, and a session that ends then must be started again.
+            if idle and not ledger.orders.run_alive(params.run_id, params.patience_seconds):
                 return ran
             wake.wait(poll_seconds)
 
@@ -460,11 +481,17 @@ class SiteStatus:
     site: str
     last_polled: dt.datetime | None
     silent_seconds: float
+    session_heard: dt.datetime | None = None
+    """When the site's session last greeted the ledger: it is taking orders, whatever the server says."""
+    server_back: dt.datetime | None = None
+    """When the Prefect server answered again after failing: a known worker's silence counts from then
+    (the server did not record its polls meanwhile)."""
 
     def up(self, now: dt.datetime) -> bool:
-        return (
-            self.last_polled is not None and (now - self.last_polled).total_seconds() <= self.silent_seconds
-        )
+        signs = [self.last_polled, self.session_heard]
+        if self.last_polled is not None:
+            signs.append(self.server_back)
+        return any(t is not None and (now - t).total_seconds() <= self.silent_seconds for t in signs)
 
     def why(self) -> str:
         if self.last_polled is None:
@@ -486,7 +513,12 @@ class SiteExecutor:
     silent_seconds: float = 30.0
     """A site whose queue no worker polled for this long has no worker."""
     poll_seconds: float = 1.0
-    """How often the orders' results, the sessions and the queues are read."""
+    """How often the orders' results are read, and the sender looks for stages to send."""
+    watch_seconds: float = 2.0
+    """How often the sites' workers and sessions are looked at on the Prefect server: each look is
+    three requests, and the server also serves every session's task runs."""
+    session_patience: float = 600.0
+    """How long a session waits for this campaign's run when the ledger no longer hears from it."""
     threads: int = 16
     """Stages each site's session runs at once."""
     submitters: int = 4
@@ -506,6 +538,8 @@ class SiteExecutor:
     _closing: threading.Event = field(default_factory=threading.Event, init=False)
     _sender: threading.Thread | None = field(default=None, init=False)
     _deployment: UUID | None = field(default=None, init=False)
+    _server_failing: bool = field(default=False, init=False)
+    _server_back: dt.datetime | None = field(default=None, init=False)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context, init=False)
     _local: threading.local = field(default_factory=threading.local, init=False)
     _clients: list[SyncPrefectClient] = field(default_factory=list, init=False)
@@ -623,6 +657,9 @@ class SiteExecutor:
                 duration_noise=self.fleet.duration_noise,
                 seed=self.fleet.seed,
                 broken_hosts=list(self.fleet.broken_hosts),
+                # Several greetings within the silence that counts a site lost: one late is no loss.
+                greet_seconds=max(0.5, self.silent_seconds / 4),
+                patience_seconds=self.session_patience,
             )
             run = self._client().create_flow_run_from_deployment(
                 cast(UUID, self._deployment),
@@ -664,7 +701,7 @@ class SiteExecutor:
     # -- watching ------------------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        while not self._stop.wait(self.watch_seconds):
             try:
                 self._refresh_sites()
                 self._check_sessions()
@@ -680,9 +717,29 @@ class SiteExecutor:
                 log.warning("could not read the site sessions' answers", exc_info=True)
 
     def _refresh_sites(self) -> None:
-        client = self._client()
-        queues = client.read_work_queues(work_pool_name=POOL)
-        workers = client.read_workers_for_work_pool(POOL)
+        # The sessions' greetings first, from the ledger: with the Prefect server failing, a site
+        # whose session takes its orders stays up (and nothing is declared lost: see _watch).
+        with self._lock:
+            sessions = dict(self._sessions)
+        greeted = self.ledger.orders.heard([str(run) for run in sessions.values()])
+        session_heard: dict[str, dt.datetime] = {}
+        for (site, _run_id), flow_run in sessions.items():
+            at = greeted.get(str(flow_run))
+            if at is not None and (site not in session_heard or session_heard[site] < at):
+                session_heard[site] = at.astimezone(dt.UTC)
+        with self._lock:
+            for site, status in self._sites.items():
+                self._sites[site] = replace(status, session_heard=session_heard.get(site))
+        try:
+            client = self._client()
+            queues = client.read_work_queues(work_pool_name=POOL)
+            workers = client.read_workers_for_work_pool(POOL)
+        except Exception:
+            self._server_failing = True
+            raise
+        if self._server_failing:
+            self._server_failing = False
+            self._server_back = _now()
         # The last sign of life of each site's worker: its queue polled, or its heartbeat (the server
         # records a pool's polls in the background, one pending per pool, so one can be skipped).
         heard: dict[str, dt.datetime] = {}
@@ -698,7 +755,13 @@ class SiteExecutor:
                     heard[site] = beat
         with self._lock:
             for queue in queues:
-                self._sites[queue.name] = SiteStatus(queue.name, heard.get(queue.name), self.silent_seconds)
+                self._sites[queue.name] = SiteStatus(
+                    queue.name,
+                    heard.get(queue.name),
+                    self.silent_seconds,
+                    session_heard.get(queue.name),
+                    self._server_back,
+                )
 
     def _check_answers(self) -> None:
         with self._lock:

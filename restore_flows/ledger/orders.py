@@ -9,7 +9,9 @@ reach the ledger, so the ledger carries the orders, in one table:
 * the session writes the stage's result (``done``), guarded by its own name: a session the scheduler
   gave up on cannot answer for its successor;
 * the scheduler reads the results back, or ``drop``\\s the orders of a session lost with its worker
-  (those already done are answered instead: their result stands).
+  (those already done are answered instead: their result stands);
+* each session ``greet``\\s the ledger while it takes orders (``site_sessions``): the scheduler counts
+  a site as lost only when both its worker (on the Prefect server) and its session (here) are silent.
 
 The stage's effects are in the host's transitions and attempts, under the run's fencing tokens; an
 order is only the message. Nothing here decides anything.
@@ -28,10 +30,11 @@ from sqlalchemy import Engine, Table, insert, select, update
 
 from restore_flows.ledger.db import READ_ONLY, retried
 from restore_flows.ledger.liveness import dead_runs
-from restore_flows.ledger.tables import RunRow, StageOrderRow
+from restore_flows.ledger.tables import RunRow, SiteSessionRow, StageOrderRow
 
 ORDERS = cast(Table, StageOrderRow.__table__)
 RUNS = cast(Table, RunRow.__table__)
+SESSIONS = cast(Table, SiteSessionRow.__table__)
 _CHUNK = 500  # ids per IN (...): well under every backend's limit on parameters
 
 
@@ -208,8 +211,36 @@ class StageOrders:
         return dropped
 
     @retried
-    def run_alive(self, run_id: str) -> bool:
-        """The run that sends the orders has not ended and is heard from: a session waits for more."""
+    def run_alive(self, run_id: str, patience: float | None = None) -> bool:
+        """The run that sends the orders has not ended and was heard from within ``patience``
+        seconds (default: the ledger's limit for a dead run): a session waits for more."""
+        stale = self._stale if patience is None else patience
         with self._reader.connect() as db:
-            dead = dead_runs(self._clock(), self._stale).where(RUNS.c.id == run_id)
+            dead = dead_runs(self._clock(), stale).where(RUNS.c.id == run_id)
             return db.execute(dead).first() is None
+
+    @retried
+    def greet(self, run_id: str, site: str, session: str, worker: str) -> None:
+        """The site's session is alive and taking orders (each session writes only its own row)."""
+        now = self._clock()
+        with self._engine.begin() as db:
+            renewed = db.execute(update(SESSIONS).where(SESSIONS.c.session == session).values(heard_at=now))
+            if not renewed.rowcount:
+                db.execute(
+                    insert(SESSIONS).values(
+                        session=session, run_id=run_id, site=site, worker=worker, started_at=now, heard_at=now
+                    )
+                )
+
+    @retried
+    def heard(self, sessions: Sequence[str]) -> dict[str, dt.datetime]:
+        """When each of these sessions last greeted the ledger (those that never did are left out)."""
+        found: dict[str, dt.datetime] = {}
+        with self._reader.connect() as db:
+            for at in range(0, len(sessions), _CHUNK):
+                chunk = list(sessions[at : at + _CHUNK])
+                rows = db.execute(
+                    select(SESSIONS.c.session, SESSIONS.c.heard_at).where(SESSIONS.c.session.in_(chunk))
+                )
+                found.update({str(r.session): r.heard_at for r in rows})
+        return found

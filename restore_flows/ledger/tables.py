@@ -305,3 +305,22 @@ class StageOrderRow(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
     __table_args__ = (Index(None, "run_id", "site", "state"),)
+
+
+class SiteSessionRow(Base):
+    """A site's session (the site mode), heard from in the ledger while it takes its orders. The
+    scheduler reads this beside the Prefect server's view of the site's worker: a server too busy to
+    record the worker's polls must not make a working site look lost (its stages withdrawn and sent
+    again, loading the server further)."""
+
+    __tablename__ = "site_sessions"
+
+    session: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The session's flow run id, as the orders it takes name it."""
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    site: Mapped[str] = mapped_column(String(253))
+    worker: Mapped[str] = mapped_column(String(253))
+    started_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    heard_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index(None, "run_id"),)

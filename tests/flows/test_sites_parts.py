@@ -10,9 +10,16 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+from uuid import UUID, uuid4
 
+import httpx
 import pytest
+from prefect.client.schemas.objects import State, StateType
+from prefect.states import Running
 from sqlalchemy import Engine
 
 from restore_flows.execution.stages import StageResult
@@ -21,6 +28,7 @@ from restore_flows.flows.sites import (
     SITES_ENV,
     SessionParameters,
     SessionRefused,
+    SiteExecutor,
     SiteStatus,
     decode,
     encode,
@@ -83,6 +91,24 @@ def test_a_site_is_up_while_its_worker_was_heard_from_recently() -> None:
     since = (now - dt.timedelta(seconds=31)).astimezone().strftime("%H:%M")
     assert silent.why() == f"site arl: no worker since {since}"
     assert "no worker yet" in never.why()
+
+
+def test_a_site_whose_session_greets_the_ledger_is_up_whatever_the_server_recorded() -> None:
+    now = dt.datetime(2026, 12, 1, 3, 45, tzinfo=dt.UTC)
+    long_ago = now - dt.timedelta(minutes=5)
+    greeting = SiteStatus("arl", long_ago, 30, session_heard=now - dt.timedelta(seconds=5))
+    quiet = SiteStatus("arl", long_ago, 30, session_heard=now - dt.timedelta(seconds=31))
+    assert greeting.up(now)
+    assert not quiet.up(now)
+
+
+def test_a_worker_s_silence_counts_from_when_the_server_answers_again() -> None:
+    now = dt.datetime(2026, 12, 1, 3, 45, tzinfo=dt.UTC)
+    long_ago = now - dt.timedelta(minutes=5)
+    back = now - dt.timedelta(seconds=10)
+    assert SiteStatus("arl", long_ago, 30, server_back=back).up(now)
+    assert not SiteStatus("arl", long_ago, 30, server_back=now - dt.timedelta(seconds=31)).up(now)
+    assert not SiteStatus("arl", None, 30, server_back=back).up(now)  # a site that never had a worker
 
 
 def test_a_worker_name_says_its_sites() -> None:
@@ -165,6 +191,7 @@ def test_a_session_runs_its_site_s_orders_and_ends_with_its_run(
 
     assert ran == 2
     assert sorted(labels) == ["wipe ws-arl-1", "wipe ws-bas-1"]
+    assert set(ledger.orders.heard(["s1", "s2"])) == {"s1"}  # it greeted the ledger
     answers = {o.id: decode(o.result) for o in ledger.orders.answered([mine, stranger, other_site])}
     assert set(answers) == {mine, stranger}  # bas's order waits for bas's session
     assert answers[mine] == StageResult("ws-arl-1", HostState.WIPED)
@@ -222,3 +249,71 @@ def test_a_worker_starts_its_sessions_with_its_own_python() -> None:
     assert found is not None
     assert Path(found).parent == Path(sys.executable).parent
     assert env["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]
+
+
+@dataclass
+class _Server:
+    """The Prefect server as the site executor reads it: one site's queue, one session flow run."""
+
+    polled: dt.datetime | None
+    session: UUID
+    failing: bool = False
+    set_states: list[tuple[UUID, StateType]] = field(default_factory=list)
+
+    def __enter__(self) -> _Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def read_work_queues(self, work_pool_name: str) -> list[SimpleNamespace]:
+        if self.failing:
+            raise httpx.ReadTimeout("the server is busy")
+        return [SimpleNamespace(name="arl", last_polled=self.polled)]
+
+    def read_workers_for_work_pool(self, work_pool_name: str) -> list[SimpleNamespace]:
+        return []
+
+    def read_flow_runs(self, **_filters: object) -> list[SimpleNamespace]:
+        return [SimpleNamespace(id=self.session, state=Running())]
+
+    def set_flow_run_state(self, flow_run: UUID, state: State[Any], force: bool = False) -> None:
+        self.set_states.append((flow_run, state.type))
+
+
+def test_a_session_greeting_the_ledger_is_not_lost_while_the_server_forgets_its_worker(
+    tmp_path: Path, write_inventory: WriteInventory
+) -> None:
+    _settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    server = _Server(polled=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5), session=uuid4())
+    executor = SiteExecutor(ledger, url, client_factory=lambda: cast(Any, server), silent_seconds=30)
+    executor._sessions[("arl", run)] = server.session
+    now = dt.datetime.now(dt.UTC)
+
+    ledger.orders.greet(run, "arl", str(server.session), "arl@vm")  # the session takes its orders
+    executor._refresh_sites()
+    executor._check_sessions()
+    assert server.set_states == []
+    assert executor.status("arl").up(now)
+
+    server.failing = True  # the server stops answering: the site stays up on its session's word
+    with pytest.raises(httpx.ReadTimeout):
+        executor._refresh_sites()
+    assert executor.status("arl").up(now)
+
+    earlier = Ledger(engine, clock=lambda: now - dt.timedelta(seconds=60))
+    earlier.orders.greet(run, "arl", str(server.session), "arl@vm")  # ...its last greeting, long ago
+    server.failing = False
+    executor._refresh_sites()
+    executor._check_sessions()
+    assert server.set_states == []  # the server is back: the worker's silence counts from now
+
+    assert executor._server_back is not None
+    executor._server_back -= dt.timedelta(seconds=31)  # ...and the worker stayed silent that long
+    executor._refresh_sites()
+    executor._check_sessions()
+    assert server.set_states == [(server.session, StateType.CRASHED)]
+    assert ("arl", run) not in executor._sessions
+    assert not executor.status("arl").up(dt.datetime.now(dt.UTC))
+    engine.dispose()

@@ -1,7 +1,11 @@
 """The site mode's stage orders: taken once, answered only by the session that took them, dropped
-without losing a result that came first; on SQLite and PostgreSQL."""
+without losing a result that came first; each session's greetings; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import Engine
 
 from restore_flows.ledger.orders import OrderState, Outgoing
 from restore_flows.ledger.repository import Ledger
@@ -68,3 +72,28 @@ def test_stages_sent_together_are_queued_each_with_its_id(ledger: Ledger) -> Non
     [theirs] = ledger.orders.take(other, "bas", "s2", limit=10)
     assert (theirs.id, theirs.run_id, theirs.stage) == (ids[3], other, "reimage")
     assert ledger.orders.send_all([]) == []
+
+
+def test_a_session_waits_longer_for_a_silent_run_when_told_to(engine: Engine) -> None:
+    now = [dt.datetime(2026, 12, 3, 3, 0, tzinfo=dt.UTC)]
+    ledger = Ledger(engine, clock=lambda: now[0], stale_seconds=30)
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    now[0] += dt.timedelta(seconds=31)  # its process missed its heartbeats
+    assert not ledger.orders.run_alive(run)
+    assert ledger.orders.run_alive(run, patience=600)
+    now[0] += dt.timedelta(seconds=600)
+    assert not ledger.orders.run_alive(run, patience=600)
+
+
+def test_a_session_s_greetings_are_read_back_by_name(engine: Engine) -> None:
+    now = [dt.datetime(2026, 12, 3, 3, 0, tzinfo=dt.UTC)]
+    ledger = Ledger(engine, clock=lambda: now[0])
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    assert ledger.orders.heard(["s1"]) == {}
+    ledger.orders.greet(run, "arl", "s1", "arl@vm")
+    first = now[0]
+    now[0] += dt.timedelta(seconds=5)
+    ledger.orders.greet(run, "arl", "s1", "arl@vm")  # again: renewed, not a second row
+    ledger.orders.greet(run, "bas", "s2", "bas@vm")
+    assert ledger.orders.heard(["s1", "s2", "s3"]) == {"s1": now[0], "s2": now[0]}
+    assert first < now[0]
