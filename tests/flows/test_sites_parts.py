@@ -205,6 +205,41 @@ def test_a_session_runs_its_site_s_orders_and_ends_with_its_run(
     engine.dispose()
 
 
+def test_a_session_waits_for_a_campaign_that_missed_its_heartbeats(
+    tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A campaign process short of CPU misses the ledger's 30 s: its sessions must not end, or each one
+    # is started again while the machine is at its busiest.
+    settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=120)
+    run = Ledger(engine, clock=lambda: past).start_run("rehearsal", "campaign", "test")
+    ledger.record_approval(run, "rest", ["ws-arl-1"], "Dr. Approver", "1 host")
+    assert not ledger.orders.run_alive(run)  # dead by the ledger's own limit
+    monkeypatch.setenv(SITES_ENV, "arl")
+
+    def submit(label: str, work: Callable[[], None]) -> None:
+        work()
+        ledger.finish_run(run, "completed")
+
+    params = _params(ledger=shown_url(url), run_id=run, greet_seconds=0.001, patience_seconds=600)
+    ran: list[int] = []
+    session = threading.Thread(
+        target=lambda: ran.append(
+            run_session(
+                params, settings, session="s1", executed_by="arl@vm", submit=submit, poll_seconds=0.01
+            )
+        )
+    )
+    session.start()
+    greetings: set[dt.datetime] = set()
+    while len(greetings) < 3 and session.is_alive():  # a whole loop, idle, past its run's silence
+        greetings.update(ledger.orders.heard(["s1"]).values())
+    ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
+    session.join()
+    assert ran == [1]
+    engine.dispose()
+
+
 def test_a_session_s_fleet_goes_on_from_the_attempts_the_ledger_has(
     tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
