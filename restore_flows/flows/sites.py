@@ -18,16 +18,16 @@ and a stage costs a task run, not a process. The session ends when the campaign'
 has not been heard from for ``patience_seconds`` (minutes, not the ledger's 30 s: a campaign process
 short of CPU must not find its sessions gone).
 
-A site whose worker has not been heard from (queue polled, heartbeat: on the Prefect server) and
-whose session has not greeted the ledger for ``silent_seconds`` has no worker (a server too busy to
-record polls is no reason to withdraw a working site's stages and load it further): its stages are
-not sent (each host waits, saying "site arl: no worker since 03:41"), nothing is held for them, and
-every other site goes on. Its session is marked Crashed (and so is one a worker
-finds left Running when it starts again: one worker per site) and its open orders are dropped; once a
-worker is back, a new session starts and the stages are sent again: the ledger shows a host mid-stage,
-and the stage is resolved from the host's facts (done, or started again) under a new fencing token
-that refuses any late write of the lost one. A session watches its worker and ends within half a
-second if the worker dies, so the stage that takes over does not run beside it.
+A site whose worker has not been heard from (queue polled, heartbeat: on the Prefect server) and whose
+session has not greeted the ledger for ``silent_seconds`` has no worker (a server too busy to record
+polls is no reason to withdraw a working site's stages and load it further): its stages are not sent
+(each host waits, saying "site arl: no worker since 03:41"), nothing is held for them, and every other
+site goes on. Its session is marked Crashed (and so is one a worker finds left Running when it starts
+again: one worker per site) and its open orders are dropped; once a worker is back, a new session starts
+and the stages are sent again: the ledger shows a host mid-stage, and the stage is resolved from the
+host's facts (done, or started again) under a new fencing token that refuses any late write of the lost
+one. A session watches its worker and ends within half a second if the worker dies, so the stage that
+takes over does not run beside it.
 """
 
 from __future__ import annotations
@@ -511,7 +511,8 @@ class SiteExecutor:
     rehearsal: bool = True
     fleet: FleetParameters = field(default_factory=FleetParameters)
     silent_seconds: float = 30.0
-    """A site whose queue no worker polled for this long has no worker."""
+    """A site whose queue no worker polled and whose session did not greet the ledger for this long
+    has no worker."""
     poll_seconds: float = 1.0
     """How often the orders' results are read, and the sender looks for stages to send."""
     watch_seconds: float = 2.0
