@@ -520,6 +520,10 @@ class SiteExecutor:
     three requests, and the server also serves every session's task runs."""
     session_patience: float = 600.0
     """How long a session waits for this campaign's run when the ledger no longer hears from it."""
+    starting_at_once: int = 8
+    """Sessions started and not yet greeting the ledger, at most: each is a process importing Prefect
+    and a dozen requests to the server, and 60 at once on a small drill machine made the server time
+    out, the sessions fail as they started, and each be started again. The others start as these run."""
     threads: int = 16
     """Stages each site's session runs at once."""
     submitters: int = 4
@@ -540,6 +544,8 @@ class SiteExecutor:
     _sender: threading.Thread | None = field(default=None, init=False)
     _deployment: UUID | None = field(default=None, init=False)
     _server_failing: bool = field(default=False, init=False)
+    _greeted: set[str] = field(default_factory=set, init=False)
+    """Sessions (flow run ids) that have greeted the ledger: started, not starting."""
     _server_back: dt.datetime | None = field(default=None, init=False)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context, init=False)
     _local: threading.local = field(default_factory=threading.local, init=False)
@@ -634,11 +640,10 @@ class SiteExecutor:
         with self._lock:
             self._sent.update(zip(ids, batch, strict=True))
             self.submitted += len(batch)
-        for site, run_id in sorted({(s.order.host.site, s.order.run_id) for s in batch}):
-            try:
-                self._session(site, run_id)
-            except Exception:  # the server unreachable for a moment: the watch starts it (_orphans)
-                log.warning("could not start the session of site %s", site, exc_info=True)
+        try:
+            self._orphans()
+        except Exception:  # the server unreachable for a moment: the watch starts them (_orphans)
+            log.warning("could not start the sessions of %d stage(s)", len(batch), exc_info=True)
 
     def _session(self, site: str, run_id: str) -> UUID:
         """The site's session of this run, started on the site's queue if it has none."""
@@ -723,6 +728,7 @@ class SiteExecutor:
         with self._lock:
             sessions = dict(self._sessions)
         greeted = self.ledger.orders.heard([str(run) for run in sessions.values()])
+        self._greeted.update(greeted)
         session_heard: dict[str, dt.datetime] = {}
         for (site, _run_id), flow_run in sessions.items():
             at = greeted.get(str(flow_run))
@@ -821,13 +827,18 @@ class SiteExecutor:
                 self._lost(site, run_id, flow_run, why)
 
     def _orphans(self) -> None:
-        """Orders sent just as their site's session was lost have none: start one, site being up."""
+        """Start a session for each site that has orders and none (orders sent just as its session was
+        lost, or before it had one), its worker being up, a few at a time (``starting_at_once``)."""
         now = _now()
         with self._lock:
             wanting = {(s.order.host.site, s.order.run_id) for s in self._sent.values()} - set(self._sessions)
+            starting = sum(str(run) not in self._greeted for run in self._sessions.values())
         for site, run_id in sorted(wanting):
+            if starting >= self.starting_at_once:
+                return
             if self.status(site).up(now):
                 self._session(site, run_id)
+                starting += 1
 
     def _lost(self, site: str, run_id: str, flow_run: UUID, why: str, *, stuck: bool = False) -> None:
         """The site's session is gone (with its worker, or ended): its orders not answered are

@@ -294,6 +294,9 @@ class _Server:
     session: UUID
     failing: bool = False
     set_states: list[tuple[UUID, StateType]] = field(default_factory=list)
+    sites: tuple[str, ...] = ("arl",)
+    started: dict[str, UUID] = field(default_factory=dict)
+    """The sessions created, by site."""
 
     def __enter__(self) -> _Server:
         return self
@@ -304,7 +307,7 @@ class _Server:
     def read_work_queues(self, work_pool_name: str) -> list[SimpleNamespace]:
         if self.failing:
             raise httpx.ReadTimeout("the server is busy")
-        return [SimpleNamespace(name="arl", last_polled=self.polled)]
+        return [SimpleNamespace(name=site, last_polled=self.polled) for site in self.sites]
 
     def read_workers_for_work_pool(self, work_pool_name: str) -> list[SimpleNamespace]:
         return []
@@ -314,6 +317,12 @@ class _Server:
 
     def set_flow_run_state(self, flow_run: UUID, state: State[Any], force: bool = False) -> None:
         self.set_states.append((flow_run, state.type))
+
+    def create_flow_run_from_deployment(
+        self, deployment: UUID, *, parameters: dict[str, Any], work_queue_name: str, tags: list[str]
+    ) -> SimpleNamespace:
+        self.started[work_queue_name] = uuid4()
+        return SimpleNamespace(id=self.started[work_queue_name])
 
 
 def test_a_session_greeting_the_ledger_is_not_lost_while_the_server_forgets_its_worker(
@@ -351,4 +360,28 @@ def test_a_session_greeting_the_ledger_is_not_lost_while_the_server_forgets_its_
     assert server.set_states == [(server.session, StateType.CRASHED)]
     assert ("arl", run) not in executor._sessions
     assert not executor.status("arl").up(dt.datetime.now(dt.UTC))
+    engine.dispose()
+
+
+def test_sessions_start_a_few_at_a_time(tmp_path: Path, write_inventory: WriteInventory) -> None:
+    # Many sessions starting at once on a small machine time the server out, and fail as they start.
+    _settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    server = _Server(polled=dt.datetime.now(dt.UTC), session=uuid4(), sites=("arl", "bas", "cor"))
+    executor = SiteExecutor(ledger, url, client_factory=lambda: cast(Any, server), starting_at_once=2)
+    executor._refresh_sites()
+    for n, site in enumerate(server.sites):  # a stage sent to each site
+        executor._sent[n] = cast(
+            Any, SimpleNamespace(order=SimpleNamespace(host=SimpleNamespace(site=site), run_id=run))
+        )
+
+    executor._orphans()
+    assert sorted(server.started) == ["arl", "bas"]
+    executor._orphans()
+    assert sorted(server.started) == ["arl", "bas"]  # both still starting: cor waits
+
+    ledger.orders.greet(run, "arl", str(server.started["arl"]), "arl@vm")  # arl's session runs
+    executor._refresh_sites()
+    executor._orphans()
+    assert sorted(server.started) == ["arl", "bas", "cor"]
     engine.dispose()
