@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from restore_flows.ledger.tables import StageOrderRow
 from restore_flows.planning import Plan, plan
 from restore_flows.scheduling.forecast import forecast
 from restore_flows.scheduling.runner import Retries
+from restore_flows.scheduling.scheduler import Status
 
 POSTGRES = os.environ.get("RESTORE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +237,13 @@ def per_site(the_plan: Plan, names: list[str], ledger_url: str, api_url: str) ->
     )
     elapsed = time.perf_counter() - started
     ended = dt.datetime.now(dt.UTC)
-    assert summary.ok, [(p.host, p.error, p.reason) for p in summary.hosts.values()][:3]
+    if not summary.ok:
+        left = [p for p in summary.hosts.values() if p.status is not Status.ONLINE]
+        statuses = Counter(p.status.value for p in left)
+        print(f"(2b) after {elapsed:.1f} s, {len(left)} host(s) not online: {dict(statuses)}", flush=True)
+        for p in left[:5]:
+            print(f"     {p.host}: {p.status} {p.state} {p.error or p.reason}")
+        raise SystemExit(1)
     sessions = [str(s) for s in executor.sessions]
     nodes = _largest(api_url, sessions)
     print(

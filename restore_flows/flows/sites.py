@@ -90,6 +90,10 @@ log = logging.getLogger(__name__)
 
 POOL = "restore-sites"
 SESSION_FLOW = "restore-site"
+REFUSED = "refused by the worker: "
+"""How a session's Failed state begins when its worker refused it: starting another fails the same way."""
+FAILURES_BEFORE_STUCK = 3
+"""Sessions of a site that may fail otherwise (a server timing out as it starts) before its hosts stop."""
 SITES_ENV = "RESTORE_WORKER_SITES"
 """Set by ``restore worker``: the sites whose queues the worker polls (another site's session is refused)."""
 
@@ -331,7 +335,7 @@ def restore_site(params: SessionParameters) -> State[Any]:
             params, Settings(), session=str(runtime.flow_run.id), executed_by=worker_name(), submit=submit
         )
     except SessionRefused as refused:
-        return Failed(message=str(refused))
+        return Failed(message=f"{REFUSED}{refused}")
     wait(list[PrefectFuture[None]](futures))  # the last task runs record their final state first
     return Completed(message=f"site {params.site}: {ran} stage(s) of run {params.run_id}")
 
@@ -545,6 +549,8 @@ class SiteExecutor:
     _deployment: UUID | None = field(default=None, init=False)
     _server_failing: bool = field(default=False, init=False)
     _greeted: set[str] = field(default_factory=set, init=False)
+    _failures: dict[str, int] = field(default_factory=dict, init=False)
+    """Sessions of each site that ended Failed."""
     """Sessions (flow run ids) that have greeted the ledger: started, not starting."""
     _server_back: dt.datetime | None = field(default=None, init=False)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context, init=False)
@@ -808,10 +814,14 @@ class SiteExecutor:
                 continue
             status = self.status(site)
             if state.type is StateType.FAILED:
-                # Refused by its worker (another ledger, another site) or broken: starting another
-                # would fail the same way. Its hosts stop here, saying why, for an operator.
+                # Refused by its worker (another ledger, another site) or failing again and again:
+                # starting another would fail the same way. Its hosts stop here, saying why, for an
+                # operator. A session that failed once (the server timing out as it started) is lost.
                 why = f"site {site}: its session failed: {state.message or 'no message'}"
-                self._lost(site, run_id, flow_run, why, stuck=True)
+                with self._lock:
+                    self._failures[site] = failures = self._failures.get(site, 0) + 1
+                refused = (state.message or "").startswith(REFUSED)
+                self._lost(site, run_id, flow_run, why, stuck=refused or failures >= FAILURES_BEFORE_STUCK)
             elif state.is_final():
                 self._lost(site, run_id, flow_run, f"site {site}: its session ended {state.name}")
             elif not status.up(now):

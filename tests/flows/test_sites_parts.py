@@ -19,17 +19,19 @@ from uuid import UUID, uuid4
 import httpx
 import pytest
 from prefect.client.schemas.objects import State, StateType
-from prefect.states import Running
+from prefect.states import Failed, Running
 from sqlalchemy import Engine
 
 from restore_flows.execution.stages import StageResult
 from restore_flows.flows.sites import (
+    REFUSED,
     SESSION_COMMAND,
     SITES_ENV,
     SessionParameters,
     SessionRefused,
     SiteExecutor,
     SiteStatus,
+    _Sent,
     decode,
     encode,
     run_session,
@@ -42,6 +44,7 @@ from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
 from restore_flows.planning import plan
+from restore_flows.scheduling.clock import Outcome, Result
 from restore_flows.scheduling.durations import draw
 from restore_flows.settings import Settings
 from restore_flows.states import HostState
@@ -295,6 +298,7 @@ class _Server:
     failing: bool = False
     set_states: list[tuple[UUID, StateType]] = field(default_factory=list)
     sites: tuple[str, ...] = ("arl",)
+    state: State[Any] = field(default_factory=Running)
     started: dict[str, UUID] = field(default_factory=dict)
     """The sessions created, by site."""
 
@@ -313,7 +317,7 @@ class _Server:
         return []
 
     def read_flow_runs(self, **_filters: object) -> list[SimpleNamespace]:
-        return [SimpleNamespace(id=self.session, state=Running())]
+        return [SimpleNamespace(id=self.session, state=self.state)]
 
     def set_flow_run_state(self, flow_run: UUID, state: State[Any], force: bool = False) -> None:
         self.set_states.append((flow_run, state.type))
@@ -384,4 +388,34 @@ def test_sessions_start_a_few_at_a_time(tmp_path: Path, write_inventory: WriteIn
     executor._refresh_sites()
     executor._orphans()
     assert sorted(server.started) == ["arl", "bas", "cor"]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("message", "failed_before", "result"),
+    [
+        ("Engine execution exited with unexpected exception", 0, Result.MOVED),  # sent again
+        ("Engine execution exited with unexpected exception", 2, Result.STUCK),  # a third time: stop
+        (f"{REFUSED}a worker of bas got the session of site arl", 0, Result.STUCK),
+    ],
+)
+def test_a_failed_session_s_hosts_are_sent_again_unless_it_was_refused_or_keeps_failing(
+    tmp_path: Path, write_inventory: WriteInventory, message: str, failed_before: int, result: Result
+) -> None:
+    _settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    server = _Server(polled=dt.datetime.now(dt.UTC), session=uuid4(), state=Failed(message=message))
+    executor = SiteExecutor(ledger, url, client_factory=lambda: cast(Any, server))
+    executor._sessions[("arl", run)] = server.session
+    executor._failures["arl"] = failed_before
+    order = ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
+    outcomes: list[Outcome] = []
+    start = SimpleNamespace(host="ws-arl-1")
+    sent = SimpleNamespace(order=SimpleNamespace(host=SimpleNamespace(site="arl"), run_id=run, start=start))
+    executor._sent[order] = cast(Any, _Sent(cast(Any, sent.order), outcomes.append, ()))
+
+    executor._refresh_sites()
+    executor._check_sessions()
+    assert [o.result for o in outcomes] == [result]
+    assert ("arl", run) not in executor._sessions
     engine.dispose()
