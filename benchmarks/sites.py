@@ -39,7 +39,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from restore_flows.drivers.fake import SimulatedFleet
-from restore_flows.execution.campaign import Automatic, CampaignSettings, Selection, run_campaign
+from restore_flows.execution.campaign import Automatic, CampaignSettings, Selection, Status, run_campaign
 from restore_flows.flows.server import client_settings, running_server, stop_process_group
 from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.loader import load_estate
@@ -49,7 +49,6 @@ from restore_flows.ledger.tables import StageOrderRow
 from restore_flows.planning import Plan, plan
 from restore_flows.scheduling.forecast import forecast
 from restore_flows.scheduling.runner import Retries
-from restore_flows.scheduling.scheduler import Status
 
 POSTGRES = os.environ.get("RESTORE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]
