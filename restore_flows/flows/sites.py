@@ -524,7 +524,7 @@ class SiteExecutor:
     three requests, and the server also serves every session's task runs."""
     session_patience: float = 600.0
     """How long a session waits for this campaign's run when the ledger no longer hears from it."""
-    starting_at_once: int = 8
+    starting_at_once: int = 16
     """Sessions started and not yet greeting the ledger, at most: each is a process importing Prefect
     and a dozen requests to the server, and 60 at once on a small drill machine made the server time
     out, the sessions fail as they started, and each be started again. The others start as these run."""
