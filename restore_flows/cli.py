@@ -559,7 +559,13 @@ def up(
 def worker(
     sites: Annotated[list[str], typer.Argument(help="The site(s) whose hosts this worker drives.")],
     name: Annotated[str | None, typer.Option(help="The worker's name (default: SITE@this-machine).")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Stages this worker runs at once.")] = 8,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Sessions this worker runs at once (default: two per site: a campaign's, one replacing it).",
+        ),
+    ] = None,
 ) -> None:
     """The worker of a site: runs its hosts' stages, from the site's network, as the campaign sends them.
 

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("worker", sa.String(length=253), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("heard_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("retired_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name=op.f("fk_site_sessions_run_id_runs")),
         sa.PrimaryKeyConstraint("session", name=op.f("pk_site_sessions")),
     )

@@ -269,13 +269,16 @@ def run_session(
             return stage
 
         greeted = -math.inf
+        retired = False
         while True:
-            if time.monotonic() - greeted >= params.greet_seconds:
-                ledger.orders.greet(params.run_id, params.site, session, executed_by)
+            if not retired and time.monotonic() - greeted >= params.greet_seconds:
+                # Retired: the scheduler took this session for lost and started another. It finishes
+                # its stages and ends, or it would hold one of its worker's places for good.
+                retired = not ledger.orders.greet(params.run_id, params.site, session, executed_by)
                 greeted = time.monotonic()
             wake.clear()  # before looking: a stage that ends from now on wakes the wait below
             with lock:
-                free = params.threads - len(in_flight)
+                free = 0 if retired else params.threads - len(in_flight)
             orders = ledger.orders.take(params.run_id, params.site, session, free)
             for order in orders:
                 with lock:
@@ -288,7 +291,7 @@ def run_session(
                 idle = not in_flight
             # Not the ledger's 30 s for a dead run: a campaign process starved of CPU (60 sessions starting on
             # a small machine) can miss its heartbeat, and a session that ends then must be started again.
-            if idle and not ledger.orders.run_alive(params.run_id, params.patience_seconds):
+            if idle and (retired or not ledger.orders.run_alive(params.run_id, params.patience_seconds)):
                 return ran
             wake.wait(poll_seconds)
 
@@ -454,7 +457,9 @@ def crash_left_runs(client: SyncPrefectClient, sites: Sequence[str]) -> int:
     return len(left)
 
 
-def exec_worker(sites: Sequence[str], settings: Settings, *, name: str | None = None, limit: int = 8) -> None:
+def exec_worker(
+    sites: Sequence[str], settings: Settings, *, name: str | None = None, limit: int | None = None
+) -> None:
     """Become the worker of these sites (``restore worker``): pool, queues and deployment made sure
     of, sessions left by a previous worker marked Crashed, then ``prefect worker start``."""
     env = worker_env(sites, settings, settings.worker_poll_seconds)
@@ -465,7 +470,8 @@ def exec_worker(sites: Sequence[str], settings: Settings, *, name: str | None = 
     if crashed:
         log.warning("%d session(s) of %s were left by the previous worker: taken over", crashed, sites)
     prefect = str(Path(sys.executable).with_name("prefect"))
-    os.execve(prefect, worker_command(sites, name=name, limit=limit, prefect=prefect), env)
+    sessions = limit or 2 * len(sites)  # a campaign's session per site, and one replacing it
+    os.execve(prefect, worker_command(sites, name=name, limit=sessions, prefect=prefect), env)
 
 
 # -- the executor, with the scheduler ---------------------------------------------------------------
@@ -854,6 +860,8 @@ class SiteExecutor:
         """The site's session is gone (with its worker, or ended): its orders not answered are
         withdrawn and their hosts tried again, with a new session once the site has a worker
         (``stuck``: the session failed; its hosts stop, for an operator)."""
+        # Before another is started: should this one be alive after all, it ends at its next greeting.
+        self.ledger.orders.retire(run_id, site, str(flow_run))
         with self._lock:
             if self._sessions.get((site, run_id)) == flow_run:
                 del self._sessions[(site, run_id)]

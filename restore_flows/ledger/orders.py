@@ -220,8 +220,9 @@ class StageOrders:
             return db.execute(dead).first() is None
 
     @retried
-    def greet(self, run_id: str, site: str, session: str, worker: str) -> None:
-        """The site's session is alive and taking orders (each session writes only its own row)."""
+    def greet(self, run_id: str, site: str, session: str, worker: str) -> bool:
+        """The site's session is alive and taking orders (each session writes only its own row).
+        False: the scheduler has retired it (took it for lost and started another); it should end."""
         now = self._clock()
         with self._engine.begin() as db:
             renewed = db.execute(update(SESSIONS).where(SESSIONS.c.session == session).values(heard_at=now))
@@ -231,16 +232,42 @@ class StageOrders:
                         session=session, run_id=run_id, site=site, worker=worker, started_at=now, heard_at=now
                     )
                 )
+                return True
+            retired = db.execute(select(SESSIONS.c.retired_at).where(SESSIONS.c.session == session))
+            return retired.scalar_one() is None
+
+    @retried
+    def retire(self, run_id: str, site: str, session: str) -> None:
+        """The scheduler no longer counts on this session (lost, another started): should it be alive
+        after all, its next greeting tells it to end."""
+        now = self._clock()
+        with self._engine.begin() as db:
+            retired = db.execute(update(SESSIONS).where(SESSIONS.c.session == session).values(retired_at=now))
+            if not retired.rowcount:
+                db.execute(
+                    insert(SESSIONS).values(
+                        session=session,
+                        run_id=run_id,
+                        site=site,
+                        worker="",
+                        started_at=now,
+                        heard_at=now,
+                        retired_at=now,
+                    )
+                )
 
     @retried
     def heard(self, sessions: Sequence[str]) -> dict[str, dt.datetime]:
-        """When each of these sessions last greeted the ledger (those that never did are left out)."""
+        """When each of these sessions last greeted the ledger (those that never did, and those
+        retired, are left out)."""
         found: dict[str, dt.datetime] = {}
         with self._reader.connect() as db:
             for at in range(0, len(sessions), _CHUNK):
                 chunk = list(sessions[at : at + _CHUNK])
                 rows = db.execute(
-                    select(SESSIONS.c.session, SESSIONS.c.heard_at).where(SESSIONS.c.session.in_(chunk))
+                    select(SESSIONS.c.session, SESSIONS.c.heard_at).where(
+                        SESSIONS.c.session.in_(chunk), SESSIONS.c.retired_at.is_(None)
+                    )
                 )
                 found.update({str(r.session): r.heard_at for r in rows})
         return found

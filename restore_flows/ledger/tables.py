@@ -322,5 +322,8 @@ class SiteSessionRow(Base):
     worker: Mapped[str] = mapped_column(String(253))
     started_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     heard_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    retired_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    """When the scheduler took it for lost and started another: it ends once its stages are done
+    (alive after all, it must not hold one of its worker's places for good)."""
 
     __table_args__ = (Index(None, "run_id"),)

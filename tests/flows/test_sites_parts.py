@@ -243,6 +243,22 @@ def test_a_session_waits_for_a_campaign_that_missed_its_heartbeats(
     engine.dispose()
 
 
+def test_a_retired_session_ends_while_its_campaign_goes_on(
+    tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken for lost while it was alive, another session started: this one must free its worker's place.
+    settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    ledger.orders.retire(run, "arl", "s1")
+    monkeypatch.setenv(SITES_ENV, "arl")
+    ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
+    params = _params(ledger=shown_url(url), run_id=run, greet_seconds=0.001)
+    ran = run_session(params, settings, session="s1", executed_by="arl@vm", submit=_never, poll_seconds=0.01)
+    assert ran == 0  # nothing taken, and ended with its run alive
+    assert ledger.orders.run_alive(run)
+    engine.dispose()
+
+
 def test_a_session_s_fleet_goes_on_from_the_attempts_the_ledger_has(
     tmp_path: Path, write_inventory: WriteInventory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,3 +97,15 @@ def test_a_session_s_greetings_are_read_back_by_name(engine: Engine) -> None:
     ledger.orders.greet(run, "bas", "s2", "bas@vm")
     assert ledger.orders.heard(["s1", "s2", "s3"]) == {"s1": now[0], "s2": now[0]}
     assert first < now[0]
+
+
+def test_a_retired_session_hears_so_at_its_next_greeting(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    assert ledger.orders.greet(run, "arl", "s1", "arl@vm")
+    ledger.orders.retire(run, "arl", "s1")
+    ledger.orders.retire(run, "arl", "s2")  # retired before it ever greeted
+    assert not ledger.orders.greet(run, "arl", "s1", "arl@vm")
+    assert not ledger.orders.greet(run, "arl", "s2", "arl@vm")
+    assert ledger.orders.greet(run, "arl", "s3", "arl@vm")
+    assert set(ledger.orders.heard(["s1", "s2", "s3"])) == {"s3"}  # the retired do not count
