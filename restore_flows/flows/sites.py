@@ -555,9 +555,9 @@ class SiteExecutor:
     _deployment: UUID | None = field(default=None, init=False)
     _server_failing: bool = field(default=False, init=False)
     _greeted: set[str] = field(default_factory=set, init=False)
+    """Sessions (flow run ids) that have greeted the ledger: started, not starting."""
     _failures: dict[str, int] = field(default_factory=dict, init=False)
     """Sessions of each site that ended Failed."""
-    """Sessions (flow run ids) that have greeted the ledger: started, not starting."""
     _server_back: dt.datetime | None = field(default=None, init=False)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context, init=False)
     _local: threading.local = field(default_factory=threading.local, init=False)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Table, insert, select, update
 
 from restore_flows.ledger.db import READ_ONLY, retried
 from restore_flows.ledger.liveness import dead_runs
@@ -223,38 +223,16 @@ class StageOrders:
     def greet(self, run_id: str, site: str, session: str, worker: str) -> bool:
         """The site's session is alive and taking orders (each session writes only its own row).
         False: the scheduler has retired it (took it for lost and started another); it should end."""
-        now = self._clock()
         with self._engine.begin() as db:
-            renewed = db.execute(update(SESSIONS).where(SESSIONS.c.session == session).values(heard_at=now))
-            if not renewed.rowcount:
-                db.execute(
-                    insert(SESSIONS).values(
-                        session=session, run_id=run_id, site=site, worker=worker, started_at=now, heard_at=now
-                    )
-                )
-                return True
-            retired = db.execute(select(SESSIONS.c.retired_at).where(SESSIONS.c.session == session))
-            return retired.scalar_one() is None
+            row = _mark(db, run_id, site, session, worker, heard_at=self._clock())
+        return row is None or row.retired_at is None
 
     @retried
     def retire(self, run_id: str, site: str, session: str) -> None:
         """The scheduler no longer counts on this session (lost, another started): should it be alive
         after all, its next greeting tells it to end."""
-        now = self._clock()
         with self._engine.begin() as db:
-            retired = db.execute(update(SESSIONS).where(SESSIONS.c.session == session).values(retired_at=now))
-            if not retired.rowcount:
-                db.execute(
-                    insert(SESSIONS).values(
-                        session=session,
-                        run_id=run_id,
-                        site=site,
-                        worker="",
-                        started_at=now,
-                        heard_at=now,
-                        retired_at=now,
-                    )
-                )
+            _mark(db, run_id, site, session, "", retired_at=self._clock())
 
     @retried
     def heard(self, sessions: Sequence[str]) -> dict[str, dt.datetime]:
@@ -271,3 +249,16 @@ class StageOrders:
                 )
                 found.update({str(r.session): r.heard_at for r in rows})
         return found
+
+
+def _mark(db: Connection, run_id: str, site: str, session: str, worker: str, **values: dt.datetime) -> Any:
+    """Set these times on a session's row, made if it has none yet; returns the updated row (None:
+    there was none, it is made now)."""
+    found = db.execute(
+        update(SESSIONS).where(SESSIONS.c.session == session).values(**values).returning(SESSIONS)
+    ).first()
+    if found is None:
+        now = next(iter(values.values()))
+        row = {"session": session, "run_id": run_id, "site": site, "worker": worker}
+        db.execute(insert(SESSIONS).values(**row, **{"started_at": now, "heard_at": now, **values}))
+    return found
