@@ -84,5 +84,10 @@ class LeaseHeld(LedgerError):
     pass
 
 
+class OrderWithdrawn(LeaseHeld):
+    """A site's session may not work a host for an order the scheduler took back (its session was
+    taken for lost and the stage sent again): the stage belongs to the order that replaced it."""
+
+
 class LeaseLost(LedgerError):
     pass

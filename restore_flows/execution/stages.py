@@ -69,14 +69,25 @@ class StageRunner:
     _leases: dict[str, Lease] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
-    def run(self, host: Host, stage: Stage, claims: Callable[[], Sequence[int]] = tuple) -> StageResult:
+    def run(
+        self,
+        host: Host,
+        stage: Stage,
+        claims: Callable[[], Sequence[int]] = tuple,
+        *,
+        order: tuple[int, str] | None = None,
+    ) -> StageResult:
         """Advance ``host`` through ``stage``. Never raises: every problem is a result.
 
         ``claims`` hands over the pool claims the stage was granted: they are given back with the event
-        that ends the stage, in its transaction, or at the latest when this returns."""
+        that ends the stage, in its transaction, or at the latest when this returns. ``order`` (a site's
+        stage order and its session): the stage takes the host's lease afresh, for that order only
+        (see :meth:`_lease`)."""
         held = list(claims())
+        if order is not None:
+            self._forget(host.name)
         try:
-            return self._run(host, stage, held)
+            return self._run(host, stage, held, order)
         except LeaseLost as exc:
             self._forget(host.name)
             return StageResult(host.name, self._state(host.name), str(exc), gave_up=True)
@@ -96,8 +107,8 @@ class StageRunner:
         """This run is finished with the host (online, or waiting for an operator): give its lease back."""
         self._drop(host)
 
-    def _run(self, host: Host, stage: Stage, held: list[int]) -> StageResult:
-        lease = self._lease(host)
+    def _run(self, host: Host, stage: Stage, held: list[int], order: tuple[int, str] | None) -> StageResult:
+        lease = self._lease(host, order)
         if isinstance(lease, str):
             return StageResult(host.name, None, held_by=f"waiting: {lease}")
         state = lease.state
@@ -206,14 +217,20 @@ class StageRunner:
 
     # -- leases ----------------------------------------------------------------------------------------
 
-    def _lease(self, host: Host) -> Lease | str:
-        """This run's lease on the host, or why another (live) run has it."""
+    def _lease(self, host: Host, order: tuple[int, str] | None = None) -> Lease | str:
+        """This run's lease on the host, or why another (live) run has it.
+
+        In one process the lease is kept from stage to stage. A site's session takes it for each
+        order: another session of the same run (the one it replaced, taken for lost while alive) may
+        have worked the host since, and a remembered token would refuse this stage; and a session
+        still running an order the scheduler took back must not take the lease from the order's
+        successor."""
         with self._lock:
             lease = self._leases.get(host.name)
         if lease is not None:
             return lease
         try:
-            lease = self.ledger.acquire(host.name, self.run_id, self.lease_seconds)
+            lease = self.ledger.acquire(host.name, self.run_id, self.lease_seconds, order=order)
         except LeaseHeld as exc:
             return str(exc)
         with self._lock:

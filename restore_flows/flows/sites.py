@@ -259,7 +259,7 @@ def run_session(
         def work(order: OrderRecord) -> Callable[[], None]:
             def stage() -> None:
                 try:
-                    result = _run_order(order, params.site, estate, ledger, runner, fleet)
+                    result = _run_order(order, session, params.site, estate, ledger, runner, fleet)
                     ledger.orders.answer(order.id, session, encode(result))
                 finally:
                     with lock:
@@ -297,7 +297,13 @@ def run_session(
 
 
 def _run_order(
-    order: OrderRecord, site: str, estate: Estate, ledger: Ledger, runner: StageRunner, fleet: Fleet
+    order: OrderRecord,
+    session: str,
+    site: str,
+    estate: Estate,
+    ledger: Ledger,
+    runner: StageRunner,
+    fleet: Fleet,
 ) -> StageResult:
     host = estate.hosts.get(order.host)
     if host is None or host.site != site:
@@ -308,7 +314,7 @@ def _run_order(
         # The fleet draws failures per attempt: continue the count the ledger has.
         fleet.attempts_before(host.name, stage, ledger.attempt_count(host.name, stage.value))
     try:
-        return runner.run(host, stage, lambda: order.claims)
+        return runner.run(host, stage, lambda: order.claims, order=(order.id, session))
     except Exception as exc:  # a bug, or the ledger gone past its retries: this stage only
         log.exception("%s %s", order.stage, order.host)
         ledger.slots.release(order.claims)

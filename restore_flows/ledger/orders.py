@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Table, exists, insert, select, update
 
 from restore_flows.ledger.db import READ_ONLY, retried
 from restore_flows.ledger.liveness import dead_runs
@@ -43,6 +43,19 @@ class OrderState(StrEnum):
     TAKEN = "taken"
     DONE = "done"
     DROPPED = "dropped"
+
+
+def still_taken(order_id: int, session: str) -> ColumnElement[bool]:
+    """The order is still ``session``'s to run: taken by it, neither answered nor dropped. A host's
+    lease is taken for an order only under this condition, in the same statement, so that a session
+    taken for lost while it was alive cannot start a stage that was sent again to another."""
+    return exists(
+        select(ORDERS.c.id).where(
+            ORDERS.c.id == order_id,
+            ORDERS.c.session == session,
+            ORDERS.c.state == OrderState.TAKEN.value,
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +139,15 @@ class StageOrders:
     @retried
     def take(self, run_id: str, site: str, session: str, limit: int) -> list[OrderRecord]:
         """Up to ``limit`` of this run's queued orders for ``site``, oldest first, now taken by
-        ``session``. An order another session took meanwhile is not returned."""
+        ``session``. An order another session took meanwhile is not returned, and a retired session
+        gets none (it hears so at its next greeting; until then it must not take its successor's)."""
         if limit <= 0:
             return []
+        retired = exists(
+            select(SESSIONS.c.session).where(
+                SESSIONS.c.session == session, SESSIONS.c.retired_at.is_not(None)
+            )
+        )
         now = self._clock()
         with self._engine.begin() as db:
             ids = list(
@@ -147,7 +166,7 @@ class StageOrders:
                 return []
             db.execute(
                 update(ORDERS)
-                .where(ORDERS.c.id.in_(ids), ORDERS.c.state == OrderState.QUEUED.value)
+                .where(ORDERS.c.id.in_(ids), ORDERS.c.state == OrderState.QUEUED.value, ~retired)
                 .values(state=OrderState.TAKEN.value, session=session, updated_at=now)
             )
             rows = db.execute(

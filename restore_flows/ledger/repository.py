@@ -40,15 +40,16 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.sql.dml import Update
 
-from restore_flows.errors import LeaseHeld, LeaseLost, SafetyViolation, UnknownHost
+from restore_flows.errors import LeaseHeld, LeaseLost, OrderWithdrawn, SafetyViolation, UnknownHost
 from restore_flows.inventory.estate import Estate
 from restore_flows.ledger.db import READ_ONLY, retried
 from restore_flows.ledger.liveness import dead_here, dead_runs, this_process
-from restore_flows.ledger.orders import StageOrders
+from restore_flows.ledger.orders import StageOrders, still_taken
 from restore_flows.ledger.pools import Slots
 from restore_flows.ledger.records import (
     ApprovalRecord,
@@ -486,16 +487,24 @@ class Ledger:
     # -- leases ------------------------------------------------------------------------------------
 
     @retried
-    def acquire(self, host: str, run_id: str, seconds: float) -> Lease:
+    def acquire(
+        self, host: str, run_id: str, seconds: float, *, order: tuple[int, str] | None = None
+    ) -> Lease:
         """Take the host's lease for ``run_id``; raises ``LeaseHeld`` if another live run has it.
 
         An expired lease, or one held by a dead run, is taken over at once. If its run left a stage
-        running, the lease says so.
+        running, the lease says so. ``order`` (a site's stage order and the session running it): only
+        while that session still has the order, else ``OrderWithdrawn``.
         """
         now = self._clock()
         expires = now + dt.timedelta(seconds=seconds)
         with self._engine.begin() as db:
-            result = db.execute(_take_lease(host, run_id, now, expires, self.stale_seconds)).first()
+            result = db.execute(_take_lease(host, run_id, now, expires, self.stale_seconds, order)).first()
+            if result is None and order is not None and not db.execute(select(still_taken(*order))).scalar():
+                raise OrderWithdrawn(
+                    f"order {order[0]} of {host} is no longer session {order[1]}'s (taken back when that "
+                    "session was taken for lost, and sent again): not started"
+                )
             if result is None:
                 row = self._host_row(db, host)
                 if row.retired_at is not None:
@@ -508,7 +517,9 @@ class Ledger:
                         .where(RUNS.c.id == holder.id, RUNS.c.ended_at.is_(None))
                         .values(ended_at=now, outcome="crashed")
                     )
-                    result = db.execute(_take_lease(host, run_id, now, expires, self.stale_seconds)).first()
+                    result = db.execute(
+                        _take_lease(host, run_id, now, expires, self.stale_seconds, order)
+                    ).first()
             if result is None:
                 alive = "" if holder is None else f", alive (heard from at {_iso(holder.heartbeat_at)})"
                 raise LeaseHeld(
@@ -1096,8 +1107,16 @@ def _fast_update(event: Event, target: HostState) -> Update:
     return statement
 
 
-def _take_lease(host: str, run_id: str, now: dt.datetime, expires: dt.datetime, stale: float) -> Any:
-    """Take a host's lease if nobody alive holds it: a new fencing token refuses the old holder."""
+def _take_lease(
+    host: str,
+    run_id: str,
+    now: dt.datetime,
+    expires: dt.datetime,
+    stale: float,
+    order: tuple[int, str] | None = None,
+) -> Any:
+    """Take a host's lease if nobody alive holds it: a new fencing token refuses the old holder (this
+    same run's too: another of its site sessions, or itself before a crash)."""
     return (
         update(HOSTS)
         .where(
@@ -1109,6 +1128,7 @@ def _take_lease(host: str, run_id: str, now: dt.datetime, expires: dt.datetime, 
                 HOSTS.c.lease_run == run_id,
                 HOSTS.c.lease_run.in_(dead_runs(now, stale)),
             ),
+            true() if order is None else still_taken(*order),
         )
         .values(
             fence=HOSTS.c.fence + 1,

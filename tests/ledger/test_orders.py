@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from sqlalchemy import Engine
 
+from restore_flows.errors import LeaseHeld, OrderWithdrawn
 from restore_flows.ledger.orders import OrderState, Outgoing
 from restore_flows.ledger.repository import Ledger
 
@@ -109,3 +111,38 @@ def test_a_retired_session_hears_so_at_its_next_greeting(engine: Engine) -> None
     assert not ledger.orders.greet(run, "arl", "s2", "arl@vm")
     assert ledger.orders.greet(run, "arl", "s3", "arl@vm")
     assert set(ledger.orders.heard(["s1", "s2", "s3"])) == {"s3"}  # the retired do not count
+
+
+def test_a_retired_session_takes_no_more_orders(ledger: Ledger) -> None:
+    # Taken for lost while alive: until its next greeting it would take the orders meant for the
+    # session that replaced it.
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    order = ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
+    ledger.orders.retire(run, "arl", "s1")
+    assert ledger.orders.take(run, "arl", "s1", limit=10) == []
+    assert [o.id for o in ledger.orders.take(run, "arl", "s2", limit=10)] == [order]
+
+
+def test_a_host_s_lease_is_taken_for_an_order_only_while_its_session_has_it(ledger: Ledger) -> None:
+    host = sorted(ledger.states())[0]
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    first = ledger.orders.send(run, "arl", host, "wipe", [])
+    ledger.orders.take(run, "arl", "s1", limit=1)
+    with pytest.raises(OrderWithdrawn, match=f"order {first} of {host} is no longer session s2's"):
+        ledger.acquire(host, run, 60, order=(first, "s2"))  # not its order
+    lease = ledger.acquire(host, run, 60, order=(first, "s1"))
+
+    ledger.orders.drop([first])  # its session taken for lost: the stage is sent again
+    second = ledger.orders.send(run, "arl", host, "wipe", [])
+    with pytest.raises(OrderWithdrawn):
+        ledger.acquire(host, run, 60, order=(first, "s1"))
+    ledger.orders.take(run, "arl", "s2", limit=1)
+    again = ledger.acquire(host, run, 60, order=(second, "s2"))
+    assert again.token > lease.token  # the first order's lease now refuses its writes
+
+    other = ledger.start_run("rehearsal", "campaign", "test")
+    third = ledger.orders.send(other, "arl", host, "wipe", [])
+    ledger.orders.take(other, "arl", "s3", limit=1)
+    with pytest.raises(LeaseHeld) as held:  # another live run holds the host: not a withdrawal
+        ledger.acquire(host, other, 60, order=(third, "s3"))
+    assert not isinstance(held.value, OrderWithdrawn)
