@@ -564,6 +564,8 @@ class SiteExecutor:
     """Sessions (flow run ids) that have greeted the ledger: started, not starting."""
     _failures: dict[str, int] = field(default_factory=dict, init=False)
     """Sessions of each site that ended Failed."""
+    _replaced: dict[tuple[str, str], int] = field(default_factory=dict, init=False)
+    """Sessions of each (site, ledger run) lost so far: the next one's idempotency key says which it is."""
     _server_back: dt.datetime | None = field(default=None, init=False)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context, init=False)
     _local: threading.local = field(default_factory=threading.local, init=False)
@@ -685,11 +687,18 @@ class SiteExecutor:
                 greet_seconds=max(0.5, self.silent_seconds / 4),
                 patience_seconds=self.session_patience,
             )
+            # A busy server can make the flow run and still answer 500 or time out: without the key,
+            # the next try made a second session that nothing here watched nor retired, which took the
+            # site's orders beside the first until the campaign ended. With it, the server hands back
+            # the run it made; a session lost and replaced takes the next key.
+            with self._lock:
+                replaced = self._replaced.get((site, run_id), 0)
             run = self._client().create_flow_run_from_deployment(
                 cast(UUID, self._deployment),
                 parameters={"params": params.model_dump(mode="json")},
                 work_queue_name=site,
                 tags=["restore", f"site:{site}", f"run:{run_id[:8]}"],
+                idempotency_key=f"restore session {run_id} {site} {replaced}",
             )
             with self._lock:
                 self._sessions[(site, run_id)] = run.id
@@ -871,6 +880,7 @@ class SiteExecutor:
         with self._lock:
             if self._sessions.get((site, run_id)) == flow_run:
                 del self._sessions[(site, run_id)]
+                self._replaced[(site, run_id)] = self._replaced.get((site, run_id), 0) + 1
             ids = [i for i, s in self._sent.items() if s.order.host.site == site and s.order.run_id == run_id]
         if not ids:
             return

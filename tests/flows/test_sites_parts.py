@@ -367,7 +367,11 @@ class _Server:
     sites: tuple[str, ...] = ("arl",)
     state: State[Any] = field(default_factory=Running)
     started: dict[str, UUID] = field(default_factory=dict)
-    """The sessions created, by site."""
+    """The sessions created, by site (the last one)."""
+    made: dict[str, UUID] = field(default_factory=dict)
+    """The flow runs made, by idempotency key."""
+    fail_after_making: int = 0
+    """Creations that make the flow run, then answer 500 (a server short of connections)."""
 
     def __enter__(self) -> _Server:
         return self
@@ -390,10 +394,22 @@ class _Server:
         self.set_states.append((flow_run, state.type))
 
     def create_flow_run_from_deployment(
-        self, deployment: UUID, *, parameters: dict[str, Any], work_queue_name: str, tags: list[str]
+        self,
+        deployment: UUID,
+        *,
+        parameters: dict[str, Any],
+        work_queue_name: str,
+        tags: list[str],
+        idempotency_key: str | None = None,
     ) -> SimpleNamespace:
-        self.started[work_queue_name] = uuid4()
-        return SimpleNamespace(id=self.started[work_queue_name])
+        # As the server does: a key it has seen gets the flow run it made then.
+        run = self.made.setdefault(idempotency_key or str(uuid4()), uuid4())
+        self.started[work_queue_name] = run
+        if self.fail_after_making:
+            self.fail_after_making -= 1
+            request = httpx.Request("POST", "http://127.0.0.1/api/deployments/x/create_flow_run")
+            raise httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+        return SimpleNamespace(id=run)
 
 
 def test_a_session_greeting_the_ledger_is_not_lost_while_the_server_forgets_its_worker(
@@ -455,6 +471,32 @@ def test_sessions_start_a_few_at_a_time(tmp_path: Path, write_inventory: WriteIn
     executor._refresh_sites()
     executor._orphans()
     assert sorted(server.started) == ["arl", "bas", "cor"]
+    engine.dispose()
+
+
+def test_a_session_the_server_made_while_answering_an_error_is_not_made_twice(
+    tmp_path: Path, write_inventory: WriteInventory
+) -> None:
+    # In the 60-site benchmark, sessions the executor did not know of ran beside the ones it did.
+    _settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    server = _Server(polled=dt.datetime.now(dt.UTC), session=uuid4(), fail_after_making=1)
+    executor = SiteExecutor(ledger, url, client_factory=lambda: cast(Any, server))
+    executor._refresh_sites()
+    executor._sent[1] = cast(
+        Any, SimpleNamespace(order=SimpleNamespace(host=SimpleNamespace(site="arl"), run_id=run))
+    )
+
+    with pytest.raises(httpx.HTTPStatusError):
+        executor._orphans()
+    executor._orphans()  # tried again: the server hands back the run it made
+    assert len(server.made) == 1
+    assert executor.sessions == [server.started["arl"]]
+
+    executor._lost("arl", run, server.started["arl"], "site arl: its session ended Completed")
+    executor._orphans()  # a new session in its place, under a new key
+    assert len(server.made) == 2
+    assert executor.sessions == list(server.made.values())
     engine.dispose()
 
 
