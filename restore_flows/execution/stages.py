@@ -246,7 +246,9 @@ class StageRunner:
 
     def _forget(self, host: str) -> None:
         with self._lock:
-            self._leases.pop(host, None)
+            lease = self._leases.pop(host, None)
+        if lease is not None:
+            self.ledger.forget(lease)
 
     def _drop(self, host: str) -> None:
         with self._lock:

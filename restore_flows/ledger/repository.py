@@ -542,6 +542,11 @@ class Ledger:
                 raise self._lost(db, lease)
         return Lease(lease.host, lease.run_id, lease.token, expires, lease.state, lease.interrupted_stage)
 
+    def forget(self, lease: Lease) -> None:
+        """This process no longer uses ``lease`` (it was lost, or is being taken afresh): what it
+        remembered of the host under it goes; the database is not touched."""
+        self._held.pop((lease.host, lease.run_id, lease.token), None)
+
     @retried
     def release(self, lease: Lease) -> None:
         """Give the lease back. Harmless if it was already lost."""
