@@ -196,6 +196,11 @@ _TRANSIENT_SQLSTATES = frozenset(
     {"40001", "40P01", "53300", "57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006"}
 )
 _RETRY_FOR_SECONDS = 60.0
+_POOL_WAIT_FOR_SECONDS = 600.0
+"""Every connection of this process's pool busy is back-pressure, not an outage: a thousand stages in
+flight in one process on a loaded machine waited past the database's minute (two waits of the pool's
+30 s), and hosts failed for it. Not for ever: a connection never given back shows as these warnings,
+then as a failure."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -228,12 +233,13 @@ def retried(method: Callable[P, R]) -> Callable[P, R]:
 
     Every method of the repository is one transaction, so running it again is running the
     transaction again; a deadlock, a serialization failure or a dropped connection is never a
-    host's failure. Gives up (and raises) after a minute.
+    host's failure. Gives up (and raises) after a minute, or after ten when it is this process's
+    own connections that stay busy.
     """
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        deadline = time.monotonic() + _RETRY_FOR_SECONDS
+        started = time.monotonic()
         delay = 0.02
         jitter = random.Random()
         while True:
@@ -243,8 +249,9 @@ def retried(method: Callable[P, R]) -> Callable[P, R]:
                 # PoolTimeout: every connection of this process's pool was busy for the pool's whole
                 # wait (1,700 hosts in flight on a loaded machine): nothing was sent, so waiting again
                 # is safe, and it is no host's failure either.
-                transient = isinstance(exc, PoolTimeout) or is_transient(exc)
-                if not transient or time.monotonic() + delay > deadline:
+                busy_pool = isinstance(exc, PoolTimeout)
+                patience = _POOL_WAIT_FOR_SECONDS if busy_pool else _RETRY_FOR_SECONDS
+                if not (busy_pool or is_transient(exc)) or time.monotonic() + delay > started + patience:
                     raise
                 cause = exc.orig if isinstance(exc, DBAPIError) else exc
                 log.warning("ledger: %s, retrying %s", cause.__class__.__name__, method.__name__)
