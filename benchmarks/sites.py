@@ -265,6 +265,7 @@ def _steady(
         runs = http.post("/flow_runs/filter", json={"flow_runs": {"id": {"any_": sessions}}}).json()
     starts = [dt.datetime.fromisoformat(r["start_time"]) for r in runs if r.get("start_time")]
     if len(starts) < len(sessions):
+        print(f"     sessions: {len(starts)} of {len(sessions)} have a start time on the server", flush=True)
         return
     last = max(starts)
     with engine.connect() as db:
