@@ -42,6 +42,7 @@ from restore_flows.flows.sites import (
     sites_of_worker,
     worker_env,
 )
+from restore_flows.inventory.estate import Estate
 from restore_flows.inventory.loader import load_estate
 from restore_flows.ledger.db import make_engine, upgrade
 from restore_flows.ledger.repository import Ledger
@@ -300,15 +301,20 @@ def _runner(ledger: Ledger, run: str, worker: str) -> tuple[StageRunner, Simulat
     return StageRunner(ledger, fleet, run, f"worker {worker}"), fleet
 
 
+def _approved_run(tmp_path: Path, write_inventory: WriteInventory) -> tuple[Estate, Engine, Ledger, str]:
+    """ESTATE's ledger and a campaign run approved for ws-arl-1: (estate, engine, ledger, run)."""
+    settings, _url, engine, ledger = _ledger(tmp_path, write_inventory)
+    run = ledger.start_run("rehearsal", "campaign", "test")
+    ledger.record_approval(run, "rest", ["ws-arl-1"], "Dr. Approver", "1 host")
+    return load_estate(settings.inventory), engine, ledger, run
+
+
 def test_two_sessions_of_a_site_work_a_host_in_turn(tmp_path: Path, write_inventory: WriteInventory) -> None:
     # A session taken for lost while it was alive runs on beside its replacement until its next
     # greeting: each may run the next stage of a host the other worked. A lease one of them kept from
     # its earlier stage would be refused ("lost its lease ... token 1; now held by the same run with
     # token 2"), and the host failed: 292 hosts of the 60-site benchmark did.
-    settings, _url, engine, ledger = _ledger(tmp_path, write_inventory)
-    run = ledger.start_run("rehearsal", "campaign", "test")
-    ledger.record_approval(run, "rest", ["ws-arl-1"], "Dr. Approver", "1 host")
-    estate = load_estate(settings.inventory)
+    estate, engine, ledger, run = _approved_run(tmp_path, write_inventory)
     sessions = {name: _runner(ledger, run, "arl@vm") for name in ("s1", "s2")}
     states = []
     for session, stage in [("s1", "wipe"), ("s2", "reimage"), ("s1", "verify"), ("s2", "release")]:
@@ -327,10 +333,7 @@ def test_an_order_taken_back_from_its_session_is_not_started(
 ) -> None:
     # The session was taken for lost, its order dropped and sent again; the session, alive after all,
     # gets to it late: the stage is its successor's, and the host is not touched.
-    settings, _url, engine, ledger = _ledger(tmp_path, write_inventory)
-    run = ledger.start_run("rehearsal", "campaign", "test")
-    ledger.record_approval(run, "rest", ["ws-arl-1"], "Dr. Approver", "1 host")
-    estate = load_estate(settings.inventory)
+    estate, engine, ledger, run = _approved_run(tmp_path, write_inventory)
     ledger.orders.send(run, "arl", "ws-arl-1", "wipe", [])
     [order] = ledger.orders.take(run, "arl", "s1", limit=1)
     ledger.orders.drop([order.id])
@@ -450,6 +453,13 @@ def test_a_session_greeting_the_ledger_is_not_lost_while_the_server_forgets_its_
     engine.dispose()
 
 
+def _waiting(executor: SiteExecutor, order: int, site: str, run: str) -> None:
+    """A stage sent to ``site`` that waits for its session (as much of it as starting one reads)."""
+    executor._sent[order] = cast(
+        Any, SimpleNamespace(order=SimpleNamespace(host=SimpleNamespace(site=site), run_id=run))
+    )
+
+
 def test_sessions_start_a_few_at_a_time(tmp_path: Path, write_inventory: WriteInventory) -> None:
     # Many sessions starting at once on a small machine time the server out, and fail as they start.
     _settings, url, engine, ledger = _ledger(tmp_path, write_inventory)
@@ -458,9 +468,7 @@ def test_sessions_start_a_few_at_a_time(tmp_path: Path, write_inventory: WriteIn
     executor = SiteExecutor(ledger, url, client_factory=lambda: cast(Any, server), starting_at_once=2)
     executor._refresh_sites()
     for n, site in enumerate(server.sites):  # a stage sent to each site
-        executor._sent[n] = cast(
-            Any, SimpleNamespace(order=SimpleNamespace(host=SimpleNamespace(site=site), run_id=run))
-        )
+        _waiting(executor, n, site, run)
 
     executor._orphans()
     assert sorted(server.started) == ["arl", "bas"]
@@ -483,9 +491,7 @@ def test_a_session_the_server_made_while_answering_an_error_is_not_made_twice(
     server = _Server(polled=dt.datetime.now(dt.UTC), session=uuid4(), fail_after_making=1)
     executor = SiteExecutor(ledger, url, client_factory=lambda: cast(Any, server))
     executor._refresh_sites()
-    executor._sent[1] = cast(
-        Any, SimpleNamespace(order=SimpleNamespace(host=SimpleNamespace(site="arl"), run_id=run))
-    )
+    _waiting(executor, 1, "arl", run)
 
     with pytest.raises(httpx.HTTPStatusError):
         executor._orphans()
